@@ -1,0 +1,8 @@
+"""Query-based black-box attacks. Each sees the model only through the oracle."""
+
+from __future__ import annotations
+
+from randfeat.eval.attacks.base import Attack as Attack
+from randfeat.eval.oracle import AttackResult as AttackResult
+
+__all__ = ["Attack", "AttackResult"]

@@ -1,0 +1,185 @@
+"""The shared run contract of every attack: validation, the oracle, projection, seeding.
+
+Each attack subclasses :class:`Attack`, takes its hyperparameters in ``__init__`` and implements
+``_attack(oracle, generator) -> x_last``. Everything an attack learns about the model comes from the
+:class:`~randfeat.eval.oracle.Oracle`; query counting, budgets and the success rule live there, never
+in the attack.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from randfeat.eval.oracle import AttackResult, Model, Norm, Oracle, Output, distance
+
+__all__ = ["Attack", "make_generator", "margin", "project", "validate_eps"]
+
+
+def make_generator(seed: int | torch.Generator | None, device: torch.device) -> torch.Generator:
+    """A generator on ``device``: seeded by ``seed``, or from OS entropy when ``seed`` is None."""
+    if isinstance(seed, torch.Generator):
+        return seed
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"Expected argument `seed` to be an int, a torch.Generator or None, got {seed!r}.")
+    g = torch.Generator(device=device)
+    g.manual_seed(secrets.randbits(63) if seed is None else int(seed))
+    return g
+
+
+def validate_eps(eps: float) -> float:
+    """Raise unless ``eps`` is a finite number > 0."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"Expected argument `eps` to be a float > 0, but got {eps!r}.")
+    if not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"Expected argument `eps` to be a finite float > 0, but got {eps!r}.")
+    return float(eps)
+
+
+def margin(scores: Tensor, y: Tensor) -> Tensor:
+    """The margin loss of Eq. (3): ``f_y(x) - max_{i != y} f_i(x)`` per row (``<= 0``: fooled)."""
+    true = scores.gather(1, y.view(-1, 1)).squeeze(1)
+    other = scores.scatter(1, y.view(-1, 1), float("-inf")).amax(dim=1)
+    return true - other
+
+
+def _shrink_toward(bound: Tensor, x0: Tensor, eps: float) -> Tensor:
+    """Move ``bound`` one ulp toward ``x0`` wherever rounding put it beyond ``eps`` (float64 check)."""
+    over = (bound.double() - x0.double()).abs() > eps
+    if bool(over.any()):
+        bound = torch.where(over, torch.nextafter(bound, x0), bound)
+    return bound
+
+
+def project(x: Tensor, x0: Tensor, eps: float, norm: Norm) -> Tensor:
+    """Project ``x`` onto the ε-ball around ``x0`` intersected with ``[0, 1]``, exactly.
+
+    The result satisfies ``distance(out, x0, norm) <= eps`` when checked in float64, in ``x``'s dtype.
+    """
+    if norm == "linf":
+        lo = _shrink_toward(x0 - eps, x0, eps)
+        hi = _shrink_toward(x0 + eps, x0, eps)
+        return torch.minimum(torch.maximum(x, lo), hi).clamp(0.0, 1.0)
+    delta = x - x0
+    for _ in range(8):
+        d = distance(x0 + delta, x0, "l2")
+        over = d > eps
+        if not bool(over.any()):
+            break
+        factor = torch.where(over, eps / d * (1 - 2.0**-20), torch.ones_like(d))
+        delta = delta * factor.to(delta.dtype).view(-1, *([1] * (x.ndim - 1)))
+        delta = (x0 + delta).clamp(0.0, 1.0) - x0
+    return (x0 + delta).clamp(0.0, 1.0)
+
+
+class Attack(ABC):
+    """Base class: validation, oracle construction and result packaging.
+
+    Subclasses set ``output`` ("scores" or "labels") and implement :meth:`_attack`.
+    """
+
+    output: ClassVar[Output] = "scores"
+    eps: float
+    norm: Norm
+
+    def __init__(self, eps: float, norm: Norm = "linf") -> None:
+        self.eps = validate_eps(eps)
+        if norm not in ("linf", "l2"):
+            raise ValueError(f"Expected argument `norm` to be 'linf' or 'l2', but got {norm!r}.")
+        self.norm = norm
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"
+
+    def run(
+        self,
+        model: Model,
+        x: Tensor,
+        y: Tensor,
+        budget: int = 1000,
+        votes: int = 9,
+        seed: int | torch.Generator | None = None,
+        *,
+        batch_size: int | None = None,
+    ) -> AttackResult:
+        """Attack the images ``x: [N, C, H, W] in [0, 1]`` with labels ``y: [N]``.
+
+        Args:
+            model: a callable from images to scores ``[n, K]`` (or labels for decision attacks).
+            x: clean images in ``[0, 1]``.
+            y: true labels, int64.
+            budget: queries allowed per image (``>= 1``).
+            votes: verification forwards for an apparent success (D.4); 1 = "lucky" setting.
+            seed: an int or generator for a reproducible run; None draws from OS entropy.
+            batch_size: forwards per model call (default: all at once).
+
+        Returns:
+            An :class:`~randfeat.eval.oracle.AttackResult`.
+
+        Raises:
+            ValueError / TypeError: on bad input, before any query is spent.
+        """
+        return self._run(model, x, y, budget, votes, seed, batch_size, samples=1)
+
+    def _run(
+        self,
+        model: Model,
+        x: Tensor,
+        y: Tensor,
+        budget: int,
+        votes: int,
+        seed: int | torch.Generator | None,
+        batch_size: int | None,
+        samples: int,
+    ) -> AttackResult:
+        x, y = _validate_inputs(x, y, budget, votes)
+        oracle = Oracle(
+            model,
+            x,
+            y,
+            budget=budget,
+            eps=self.eps,
+            norm=self.norm,
+            votes=votes,
+            output=self.output,
+            batch_size=batch_size,
+            samples=samples,
+        )
+        gen = make_generator(seed, x.device)
+        x_last = self._attack(oracle, gen)
+        return oracle.result(x_last)
+
+    @abstractmethod
+    def _attack(self, oracle: Oracle, generator: torch.Generator) -> Tensor:
+        """Run the attack through ``oracle``; return the last iterate ``[N, C, H, W]``."""
+
+
+def _validate_inputs(x: Tensor, y: Tensor, budget: int, votes: int) -> tuple[Tensor, Tensor]:
+    if not isinstance(x, Tensor) or not x.is_floating_point():
+        raise TypeError(f"Expected argument `x` to be a float tensor [N, C, H, W], got {type(x)!r}.")
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise ValueError(f"Expected argument `x` to be a non-empty batch [N, ...], got shape {tuple(x.shape)}.")
+    if not bool(torch.isfinite(x).all()) or bool(((x < 0) | (x > 1)).any()):
+        raise ValueError(
+            f"Expected argument `x` to lie in [0, 1], but got values in "
+            f"[{float(x.min()):.4g}, {float(x.max()):.4g}]. Fold normalisation into the model."
+        )
+    if not isinstance(y, Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"Expected argument `y` to be an integer tensor [N], got {getattr(y, 'dtype', type(y))}.")
+    if y.ndim != 1 or y.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"Expected argument `y` of shape [{x.shape[0]}] to match `x`, got {tuple(y.shape)}."
+        )
+    if bool((y < 0).any()):
+        raise ValueError(f"Expected labels `y` >= 0, got min {int(y.min())}.")
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"Expected argument `budget` to be an int >= 1, got {budget!r}.")
+    if isinstance(votes, bool) or not isinstance(votes, int) or votes < 1:
+        raise ValueError(f"Expected argument `votes` to be an int >= 1, got {votes!r}.")
+    return x, y.to(device=x.device, dtype=torch.long)

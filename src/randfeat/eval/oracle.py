@@ -1,0 +1,321 @@
+"""The oracle: the only door an attack has to the model.
+
+An attack never sees a model's parameters, gradients or modules. It sees an :class:`Oracle`, which
+holds the clean batch ``x0`` and labels ``y`` and answers queries with scores (score-based attacks)
+or predicted labels (decision-based attacks). The oracle
+
+* counts queries per sample (one forward of one image is one query; an EOT query that averages
+  ``samples`` forwards is charged ``samples``), and refuses to let any sample exceed its budget or
+  be queried again after it has succeeded;
+* splits forwards into batches of ``batch_size`` and runs them under :func:`torch.no_grad`;
+* decides success as the paper does (Definition 1 and appendix D.4): when a queried point inside
+  the ε-ball says "misclassified", the point is verified with ``votes`` extra forwards, which are not
+  charged as queries but are counted in :attr:`Oracle.verify_forwards`; success needs a strict
+  majority of misclassified votes. ``votes=1`` is the "lucky attack" setting (Table 15): the query
+  itself decides.
+
+Queries count for every forward an attack sees; only the D.4 verification is free.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Norm = Literal["linf", "l2"]
+Output = Literal["scores", "labels"]
+Model = Callable[[Tensor], Tensor]
+
+__all__ = ["AttackResult", "Model", "Norm", "Oracle", "Output", "distance", "rejudge"]
+
+
+def distance(x: Tensor, x0: Tensor, norm: Norm) -> Tensor:
+    """Per-sample distance ``||x - x0||_p`` in float64: ``[N]``."""
+    d = (x.double() - x0.double()).flatten(1)
+    if norm == "linf":
+        return d.abs().amax(dim=1)
+    return d.norm(dim=1)
+
+
+def _forward(model: Model, x: Tensor, batch_size: int) -> Tensor:
+    with torch.no_grad():
+        outs = [model(chunk) for chunk in x.split(batch_size)]
+    return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+@dataclass(frozen=True)
+class AttackResult:
+    """What an attack returns, per sample of the attacked batch of ``N`` images.
+
+    Attributes:
+        x_adv: ``[N, C, H, W]``, inside the ε-ball and ``[0, 1]``, in the input dtype: the verified
+            adversarial point where ``success``, else the attack's last iterate.
+        success: ``[N]`` bool, verified success by the majority of ``votes`` forwards.
+        queries: ``[N]`` int64, queries spent until verified success, or all that were spent.
+        success_query: ``[N]`` int64, the query count at the first verified success, ``-1`` if none.
+        verify_forwards: ``[N]`` int64, the uncharged verification forwards (D.4) spent.
+        budget: the query budget per sample.
+        votes: the number of verification votes.
+    """
+
+    x_adv: Tensor
+    success: Tensor
+    queries: Tensor
+    success_query: Tensor
+    verify_forwards: Tensor
+    budget: int
+    votes: int
+
+    def robust_accuracy(self, queries: int | None = None) -> float:
+        """Fraction of samples not fooled within ``queries`` (default: the budget)."""
+        q = self.budget if queries is None else queries
+        fooled = self.success & (self.success_query <= q)
+        return 1.0 - fooled.double().mean().item()
+
+    def robust_curve(self, queries: Tensor) -> Tensor:
+        """Robust accuracy at each query count in ``queries`` (``[Q]``), from this single run."""
+        q = queries.to(self.success_query.device).reshape(-1, 1)
+        fooled = self.success.unsqueeze(0) & (self.success_query.unsqueeze(0) <= q)
+        return 1.0 - fooled.double().mean(dim=1)
+
+
+class Oracle:
+    """Query-counting, budget-enforcing access to a model for one batch of images.
+
+    Args:
+        model: any callable from ``[n, C, H, W]`` in ``[0, 1]`` to scores ``[n, K]`` (or labels
+            ``[n]`` for decision attacks). Never inspected: no parameters, no gradients.
+        x: ``[N, C, H, W]`` clean images in ``[0, 1]``.
+        y: ``[N]`` true labels (int64).
+        budget: queries allowed per sample (``>= 1``).
+        eps: radius of the threat ball; a point outside it can never count as a success.
+        norm: ``"linf"`` or ``"l2"``.
+        votes: verification forwards per apparent success (``>= 1``; 1 = the query decides).
+        output: what the attack may see: ``"scores"`` or ``"labels"``.
+        batch_size: forwards per model call (default: everything at once).
+        samples: forwards averaged per query (EOT); each query is charged ``samples``.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        x: Tensor,
+        y: Tensor,
+        *,
+        budget: int,
+        eps: float,
+        norm: Norm,
+        votes: int = 9,
+        output: Output = "scores",
+        batch_size: int | None = None,
+        samples: int = 1,
+    ) -> None:
+        if not callable(model):
+            raise TypeError(f"Expected argument `model` to be callable, but got {type(model)!r}.")
+        if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
+            raise ValueError(f"Expected argument `batch_size` to be an int >= 1, got {batch_size!r}.")
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"Expected argument `samples` to be an int >= 1, got {samples!r}.")
+        if output not in ("scores", "labels"):
+            raise ValueError(f"Expected argument `output` to be 'scores' or 'labels', got {output!r}.")
+        self._model = model
+        self.x0 = x
+        self.y = y
+        self.budget = int(budget)
+        self.eps = float(eps)
+        self.norm: Norm = norm
+        self.votes = int(votes)
+        self.output: Output = output
+        self.samples = samples
+        self.batch_size = batch_size or max(1, x.shape[0] * max(1, votes))
+        n = x.shape[0]
+        dev = x.device
+        self.queries = torch.zeros(n, dtype=torch.long, device=dev)
+        self.verify_forwards = torch.zeros(n, dtype=torch.long, device=dev)
+        self.success = torch.zeros(n, dtype=torch.bool, device=dev)
+        self.success_query = torch.full((n,), -1, dtype=torch.long, device=dev)
+        self.x_success = x.clone()
+        self.num_classes: int | None = None
+
+    # ------------------------------------------------------------------ budget bookkeeping
+    @property
+    def n_calls(self) -> int:
+        """How many queries (of ``samples`` forwards each) one sample may make in total."""
+        return self.budget // self.samples
+
+    @property
+    def remaining(self) -> Tensor:
+        """``[N]`` int64: queries each sample may still make (0 once it has succeeded)."""
+        left = (self.budget - self.queries) // self.samples
+        return torch.where(self.success, torch.zeros_like(left), left)
+
+    def active(self, need: int = 1) -> Tensor:
+        """``[N]`` bool: samples not yet fooled that can still afford ``need`` queries."""
+        return self.remaining >= need
+
+    # ------------------------------------------------------------------ the doors
+    def scores(self, x: Tensor, idx: Tensor) -> Tensor:
+        """Scores ``[n, K]`` (float32) for points ``x: [n, C, H, W]`` of samples ``idx: [n]``.
+
+        Charges one query (``samples`` forwards) per row; rows of one sample may repeat.
+        """
+        if self.output != "scores":
+            raise RuntimeError("This oracle answers labels only (decision-based attack).")
+        return self._query(x, idx)
+
+    def labels(self, x: Tensor, idx: Tensor) -> Tensor:
+        """Predicted labels ``[n]`` (int64) for points ``x`` of samples ``idx``; one query a row."""
+        out = self._query(x, idx)
+        return out if out.ndim == 1 else out.argmax(dim=1)
+
+    # ------------------------------------------------------------------ internals
+    def _raw(self, x: Tensor) -> Tensor:
+        """One forward of every row; validated; scores as float32 or labels as int64."""
+        out = _forward(self._model, x, self.batch_size)
+        if not isinstance(out, Tensor):
+            raise TypeError(
+                f"Expected argument `model` to return a tensor, but it returned {type(out)!r}."
+            )
+        n = x.shape[0]
+        if out.ndim == 1 and not out.is_floating_point():
+            if self.output == "scores":
+                raise TypeError(
+                    "Expected argument `model` to return scores [n, K] for a score-based attack, "
+                    f"but it returned labels of shape {tuple(out.shape)}. Use a decision-based "
+                    "attack (RayS, SignFlip) with a label-only model."
+                )
+            if out.shape[0] != n:
+                raise ValueError(f"Model returned {out.shape[0]} labels for {n} inputs.")
+            return out.long().to(x.device)
+        if out.ndim != 2 or out.shape[0] != n:
+            raise ValueError(
+                f"Expected argument `model` to return scores of shape [{n}, K], "
+                f"but got shape {tuple(out.shape)}."
+            )
+        if not out.is_floating_point():
+            raise TypeError(f"Expected float scores from `model`, got dtype {out.dtype}.")
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError("Expected argument `model` to return finite scores, but got NaN/inf.")
+        if self.num_classes is None:
+            self.num_classes = out.shape[1]
+            if bool((self.y >= self.num_classes).any()):
+                raise ValueError(
+                    f"Expected labels `y` in [0, {self.num_classes - 1}] (the model has "
+                    f"{self.num_classes} classes), but got max label {int(self.y.max())}."
+                )
+        return out.float().to(x.device)
+
+    def _predict(self, out: Tensor) -> Tensor:
+        return out if out.ndim == 1 else out.argmax(dim=1)
+
+    def _query(self, x: Tensor, idx: Tensor) -> Tensor:
+        idx = idx.to(device=self.x0.device, dtype=torch.long)
+        if x.shape[0] != idx.shape[0] or x.shape[1:] != self.x0.shape[1:]:
+            raise ValueError(
+                f"Query of shape {tuple(x.shape)} with {idx.shape[0]} indices does not match "
+                f"images of shape {tuple(self.x0.shape[1:])}."
+            )
+        if x.shape[0] == 0:
+            return torch.empty(0, device=x.device)
+        counts = torch.bincount(idx, minlength=self.x0.shape[0]) * self.samples
+        if bool((self.success & (counts > 0)).any()):
+            raise RuntimeError("attack bug: queried a sample that has already succeeded")
+        if bool((self.queries + counts > self.budget).any()):
+            raise RuntimeError("attack bug: a query would exceed the per-sample budget")
+        if bool(((x < 0) | (x > 1)).any()):
+            raise RuntimeError("attack bug: queried a point outside [0, 1]")
+        if self.samples == 1:
+            out = self._raw(x)
+        else:
+            rep = self._raw(x.repeat_interleave(self.samples, dim=0))
+            if rep.ndim == 1:
+                k = self.num_classes or int(rep.max()) + 1
+                rep = torch.nn.functional.one_hot(rep, k).float()
+            out = rep.view(x.shape[0], self.samples, -1).mean(dim=1)
+        self.queries += counts
+        self._check_success(x, idx, self._predict(out))
+        return out
+
+    def _check_success(self, x: Tensor, idx: Tensor, pred: Tensor) -> None:
+        inside = distance(x, self.x0[idx], self.norm) <= self.eps
+        cand = (pred != self.y[idx]) & inside & ~self.success[idx]
+        if not bool(cand.any()):
+            return
+        rows = cand.nonzero().squeeze(1)
+        # keep the first candidate row of each sample
+        first = torch.full((self.x0.shape[0],), x.shape[0], dtype=torch.long, device=x.device)
+        first.scatter_reduce_(0, idx[rows], rows, reduce="amin")
+        rows = first[first < x.shape[0]]
+        samp = idx[rows]
+        pts = x[rows]
+        if self.votes == 1:
+            fooled = torch.ones(rows.shape[0], dtype=torch.bool, device=x.device)
+        else:
+            votes = self._raw(pts.repeat_interleave(self.votes, dim=0))
+            wrong = (self._predict(votes) != self.y[samp].repeat_interleave(self.votes))
+            fooled = 2 * wrong.view(-1, self.votes).sum(dim=1) > self.votes
+            self.verify_forwards.index_add_(
+                0, samp, torch.full_like(samp, self.votes)
+            )
+        won = samp[fooled]
+        self.success[won] = True
+        self.success_query[won] = self.queries[won]
+        self.x_success[won] = pts[fooled].to(self.x_success.dtype)
+
+    def result(self, x_last: Tensor) -> AttackResult:
+        """Package the run: verified points where successful, ``x_last`` elsewhere."""
+        mask = self.success.view(-1, *([1] * (self.x0.ndim - 1)))
+        x_adv = torch.where(mask, self.x_success, x_last.to(self.x0.dtype))
+        return AttackResult(
+            x_adv=x_adv,
+            success=self.success.clone(),
+            queries=self.queries.clone(),
+            success_query=self.success_query.clone(),
+            verify_forwards=self.verify_forwards.clone(),
+            budget=self.budget,
+            votes=self.votes,
+        )
+
+
+def _binom_majority(p: Tensor, votes: int) -> Tensor:
+    """P[Binomial(votes, p) > votes / 2], elementwise (float64)."""
+    p = p.double()
+    out = torch.zeros_like(p)
+    for k in range(votes // 2 + 1, votes + 1):
+        out += math.comb(votes, k) * p.pow(k) * (1 - p).pow(votes - k)
+    return out
+
+
+def rejudge(
+    model: Model,
+    x_adv: Tensor,
+    y: Tensor,
+    *,
+    votes: int = 9,
+    forwards: int = 100,
+    batch_size: int | None = None,
+) -> Tensor:
+    """Judge points afresh: the probability that a new majority of ``votes`` forwards is fooled.
+
+    The first verified success of an attack is biased toward lucky draws (the attack stops at the
+    first point where ``votes`` draws happened to say "fooled"). This estimates, from ``forwards``
+    independent forwards per point, ``p = P[argmax f_rand(x_adv) != y]`` and returns
+    ``P[Binomial(votes, p) > votes / 2]`` per sample (``[N]``, float64). Its mean over samples is the
+    expected fooling rate under a fresh verification.
+    """
+    if forwards < 1:
+        raise ValueError(f"Expected argument `forwards` to be >= 1, got {forwards}.")
+    if votes < 1:
+        raise ValueError(f"Expected argument `votes` to be >= 1, got {votes}.")
+    n = x_adv.shape[0]
+    bs = batch_size or max(1, n * 10)
+    out = _forward(model, x_adv.repeat_interleave(forwards, dim=0), bs)
+    pred = out if out.ndim == 1 else out.argmax(dim=1)
+    wrong = (pred != y.to(pred.device).repeat_interleave(forwards)).view(n, forwards)
+    p = wrong.double().mean(dim=1)
+    return _binom_majority(p, votes)
