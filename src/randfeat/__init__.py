@@ -2,4 +2,9 @@
 
 from __future__ import annotations
 
+from randfeat.wrapper import RandomizedFeatureWrapper as RandomizedFeatureWrapper
+from randfeat.wrapper import wrap as wrap
+
 __version__ = "0.1.0.dev0"
+
+__all__ = ["RandomizedFeatureWrapper", "__version__", "wrap"]

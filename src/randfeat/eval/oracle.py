@@ -118,11 +118,15 @@ class Oracle:
         if not callable(model):
             raise TypeError(f"Expected argument `model` to be callable, but got {type(model)!r}.")
         if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
-            raise ValueError(f"Expected argument `batch_size` to be an int >= 1, got {batch_size!r}.")
+            raise ValueError(
+                f"Expected argument `batch_size` to be an int >= 1, got {batch_size!r}."
+            )
         if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
             raise ValueError(f"Expected argument `samples` to be an int >= 1, got {samples!r}.")
         if output not in ("scores", "labels"):
-            raise ValueError(f"Expected argument `output` to be 'scores' or 'labels', got {output!r}.")
+            raise ValueError(
+                f"Expected argument `output` to be 'scores' or 'labels', got {output!r}."
+            )
         self._model = model
         self.x0 = x
         self.y = y
@@ -257,11 +261,9 @@ class Oracle:
             fooled = torch.ones(rows.shape[0], dtype=torch.bool, device=x.device)
         else:
             votes = self._raw(pts.repeat_interleave(self.votes, dim=0))
-            wrong = (self._predict(votes) != self.y[samp].repeat_interleave(self.votes))
+            wrong = self._predict(votes) != self.y[samp].repeat_interleave(self.votes)
             fooled = 2 * wrong.view(-1, self.votes).sum(dim=1) > self.votes
-            self.verify_forwards.index_add_(
-                0, samp, torch.full_like(samp, self.votes)
-            )
+            self.verify_forwards.index_add_(0, samp, torch.full_like(samp, self.votes))
         won = samp[fooled]
         self.success[won] = True
         self.success_query[won] = self.queries[won]

@@ -26,7 +26,9 @@ def make_generator(seed: int | torch.Generator | None, device: torch.device) -> 
     if isinstance(seed, torch.Generator):
         return seed
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"Expected argument `seed` to be an int, a torch.Generator or None, got {seed!r}.")
+        raise TypeError(
+            f"Expected argument `seed` to be an int, a torch.Generator or None, got {seed!r}."
+        )
     g = torch.Generator(device=device)
     g.manual_seed(secrets.randbits(63) if seed is None else int(seed))
     return g
@@ -162,16 +164,27 @@ class Attack(ABC):
 
 def _validate_inputs(x: Tensor, y: Tensor, budget: int, votes: int) -> tuple[Tensor, Tensor]:
     if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError(f"Expected argument `x` to be a float tensor [N, C, H, W], got {type(x)!r}.")
+        raise TypeError(
+            f"Expected argument `x` to be a float tensor [N, C, H, W], got {type(x)!r}."
+        )
     if x.ndim < 2 or x.shape[0] == 0:
-        raise ValueError(f"Expected argument `x` to be a non-empty batch [N, ...], got shape {tuple(x.shape)}.")
+        raise ValueError(
+            f"Expected argument `x` to be a non-empty batch [N, ...], got shape {tuple(x.shape)}."
+        )
     if not bool(torch.isfinite(x).all()) or bool(((x < 0) | (x > 1)).any()):
         raise ValueError(
             f"Expected argument `x` to lie in [0, 1], but got values in "
             f"[{float(x.min()):.4g}, {float(x.max()):.4g}]. Fold normalisation into the model."
         )
-    if not isinstance(y, Tensor) or y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise TypeError(f"Expected argument `y` to be an integer tensor [N], got {getattr(y, 'dtype', type(y))}.")
+    if not isinstance(y, Tensor) or y.dtype not in (
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.uint8,
+    ):
+        raise TypeError(
+            f"Expected argument `y` to be an integer tensor [N], got {getattr(y, 'dtype', type(y))}."
+        )
     if y.ndim != 1 or y.shape[0] != x.shape[0]:
         raise ValueError(
             f"Expected argument `y` of shape [{x.shape[0]}] to match `x`, got {tuple(y.shape)}."
