@@ -1,0 +1,7 @@
+.PHONY: setup demo test ci docs bench
+setup: ; bash scripts/setup.sh
+demo: ; bash scripts/demo.sh
+test: ; bash scripts/test.sh
+ci: ; bash .ci/run
+docs: setup ; .venv/bin/mkdocs serve
+bench: setup ; .venv/bin/python benchmarks/overhead.py

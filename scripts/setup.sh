@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Create (or reuse) the local virtual environment .venv and install randfeat with every extra.
+# Works on a fresh machine with Python >= 3.10 and pip. torch is pinned to the release this project
+# is tested with; pip takes it from a local wheel cache where one is configured.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+VENV="${VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[setup] creating $VENV"
+  "$PY" -m venv "$VENV"
+fi
+STAMP="$VENV/.randfeat-setup"
+if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt scripts/setup.sh ]; then
+  echo "[setup] $VENV is up to date"
+  exit 0
+fi
+echo "[setup] installing torch and randfeat[dev] into $VENV (first time: a few minutes)"
+"$VENV/bin/python" -m pip install -q --upgrade pip
+"$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
+"$VENV/bin/python" -m pip install -q -e ".[dev]"
+touch "$STAMP"
