@@ -64,19 +64,29 @@ def project(x: Tensor, x0: Tensor, eps: float, norm: Norm) -> Tensor:
     The result satisfies ``distance(out, x0, norm) <= eps`` when checked in float64, in ``x``'s dtype.
     """
     if norm == "linf":
-        lo = _shrink_toward(x0 - eps, x0, eps)
-        hi = _shrink_toward(x0 + eps, x0, eps)
+        # bounds rounded from float64 overshoot by at most half an ulp, which one nudge undoes
+        lo = _shrink_toward((x0.double() - eps).to(x0.dtype), x0, eps)
+        hi = _shrink_toward((x0.double() + eps).to(x0.dtype), x0, eps)
         return torch.minimum(torch.maximum(x, lo), hi).clamp(0.0, 1.0)
-    delta = x - x0
-    for _ in range(8):
-        d = distance(x0 + delta, x0, "l2")
-        over = d > eps
+    # ℓ2: scale δ in float64, round to the dtype, and shrink the samples whose rounding overshot
+    # (by a few ulps of the dtype, doubling) until every one is inside the ball.
+    x0d = x0.double()
+    delta = x.double() - x0d
+    norm0 = delta.flatten(1).norm(dim=1)
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    shrink = torch.zeros_like(norm0)
+    step = 4 * torch.finfo(x.dtype).eps
+    out = x
+    for _ in range(40):
+        factor = (eps / norm0.clamp_min(1e-300) * (1 - shrink)).clamp(max=1.0)
+        out = (x0d + delta * factor.view(shape)).clamp(0.0, 1.0).to(x.dtype)
+        over = distance(out, x0, "l2") > eps
         if not bool(over.any()):
-            break
-        factor = torch.where(over, eps / d * (1 - 2.0**-20), torch.ones_like(d))
-        delta = delta * factor.to(delta.dtype).view(-1, *([1] * (x.ndim - 1)))
-        delta = (x0 + delta).clamp(0.0, 1.0) - x0
-    return (x0 + delta).clamp(0.0, 1.0)
+            return out
+        shrink = torch.where(
+            over, torch.where(shrink == 0, torch.full_like(shrink, step), 2 * shrink), shrink
+        )
+    return torch.where(over.view(shape), x0, out)  # unreachable in practice: fall back to x0
 
 
 class Attack(ABC):

@@ -1,0 +1,202 @@
+"""Tests of the oracle (the attacks' only door to a model) and the shared attack helpers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from randfeat.eval.attacks.base import margin, project
+from randfeat.eval.oracle import AttackResult, Oracle, _binom_majority, distance, rejudge
+
+
+class Counting:
+    """A plain callable (no nn.Module): class 0 unless pixel 0 exceeds a threshold."""
+
+    def __init__(self, noise: float = 0.0, seed: int = 0) -> None:
+        self.calls = 0
+        self.forwards = 0
+        self.noise = noise
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            raise RuntimeError("the oracle must query under no_grad")
+        self.calls += 1
+        self.forwards += x.shape[0]
+        s = x.flatten(1)[:, 0] - 0.5
+        s = s + self.noise * torch.randn(x.shape[0], generator=self.gen)
+        return torch.stack([-s, s], dim=1)
+
+
+def make(model: Counting, n: int = 3, **kw: object) -> Oracle:
+    x = torch.full((n, 1, 2, 2), 0.4)
+    y = torch.zeros(n, dtype=torch.long)
+    args: dict[str, object] = {"budget": 5, "eps": 0.3, "norm": "linf"}
+    args.update(kw)
+    return Oracle(model, x, y, **args)  # type: ignore[arg-type]
+
+
+def test_queries_are_counted_per_sample_and_budget_is_enforced() -> None:
+    m = Counting()
+    o = make(m)
+    idx = torch.tensor([0, 0, 2])
+    o.scores(o.x0[idx], idx)
+    assert o.queries.tolist() == [2, 0, 1]
+    assert o.remaining.tolist() == [3, 5, 4]
+    with pytest.raises(RuntimeError, match="budget"):
+        o.scores(o.x0[[0, 0, 0, 0]], torch.tensor([0, 0, 0, 0]))
+    assert o.queries.tolist() == [2, 0, 1]  # a refused query is not charged
+
+
+def test_success_is_verified_by_majority_and_verification_is_free() -> None:
+    m = Counting()
+    o = make(m, votes=9)
+    x = o.x0.clone()
+    x[1, 0, 0, 0] = 0.7  # inside ε = 0.3, misclassified (score of class 1 > class 0)
+    o.scores(x[[1]], torch.tensor([1]))
+    assert o.success.tolist() == [False, True, False]
+    assert o.queries.tolist() == [0, 1, 0]
+    assert o.verify_forwards.tolist() == [0, 9, 0]
+    assert o.success_query.tolist() == [-1, 1, -1]
+    assert torch.equal(o.x_success[1], x[1])
+    with pytest.raises(RuntimeError, match="already succeeded"):
+        o.scores(x[[1]], torch.tensor([1]))
+    assert not bool(o.active()[1])
+
+
+def test_points_outside_the_ball_never_count_as_success() -> None:
+    o = make(Counting(), votes=1)
+    x = o.x0.clone()
+    x[0, 0, 0, 0] = 0.9  # misclassified but 0.5 away from x0 > ε
+    o.scores(x[[0]], torch.tensor([0]))
+    assert not bool(o.success[0])
+    with pytest.raises(RuntimeError, match=r"outside \[0, 1\]"):
+        o.scores(x[[0]] + 1.0, torch.tensor([0]))
+
+
+def test_failed_verification_keeps_the_sample_attacked() -> None:
+    """A point at the boundary is misclassified half the time: verification rejects some."""
+    m = Counting(noise=1.0, seed=0)
+    o = make(m, n=64, votes=9, budget=1)
+    x = o.x0.clone()
+    x[:, 0, 0, 0] = 0.5  # on the boundary: P(misclassified) = 1/2 per forward
+    o.scores(x, torch.arange(64))
+    wrong = o.verify_forwards > 0
+    # some were verified (the query said "fooled"), and not all of those passed the vote
+    assert bool(wrong.any()) and bool((wrong & ~o.success).any())
+    assert bool((o.success <= wrong).all())
+
+
+def test_lucky_setting_votes_one_uses_the_query_itself() -> None:
+    m = Counting()
+    o = make(m, votes=1)
+    x = o.x0.clone()
+    x[:, 0, 0, 0] = 0.7
+    before = m.forwards
+    o.scores(x, torch.arange(3))
+    assert m.forwards - before == 3  # no verification forwards
+    assert o.success.all() and o.verify_forwards.sum() == 0
+
+
+def test_eot_samples_are_charged_and_averaged() -> None:
+    m = Counting()
+    o = make(m, samples=3, budget=7)
+    assert o.n_calls == 2
+    o.scores(o.x0[[0]], torch.tensor([0]))
+    assert o.queries.tolist() == [3, 0, 0] and m.forwards == 3
+    assert o.remaining.tolist() == [1, 2, 2]
+
+
+def test_labels_only_oracle_hides_scores() -> None:
+    o = make(Counting(), output="labels")
+    with pytest.raises(RuntimeError, match="labels only"):
+        o.scores(o.x0[[0]], torch.tensor([0]))
+    assert o.labels(o.x0[[0]], torch.tensor([0])).tolist() == [0]
+    o2 = make(lambda x: torch.zeros(x.shape[0], dtype=torch.long), output="labels")  # type: ignore[arg-type]
+    assert o2.labels(o2.x0[[1]], torch.tensor([1])).tolist() == [0]
+    o3 = make(lambda x: torch.zeros(x.shape[0], dtype=torch.long))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="decision-based"):
+        o3.scores(o3.x0[[1]], torch.tensor([1]))
+
+
+@pytest.mark.parametrize(
+    ("model", "match"),
+    [
+        (lambda x: torch.zeros(x.shape[0], 2, 1), "shape"),
+        (lambda x: torch.full((x.shape[0], 2), float("nan")), "finite"),
+        (lambda x: "scores", "tensor"),
+    ],
+)
+def test_bad_model_outputs_raise_before_charging(model: object, match: str) -> None:
+    o = make(model)  # type: ignore[arg-type]
+    with pytest.raises((ValueError, TypeError), match=match):
+        o.scores(o.x0[[0]], torch.tensor([0]))
+    assert o.queries.sum() == 0
+
+
+def test_labels_out_of_range_detected_at_first_forward() -> None:
+    x = torch.full((2, 1, 2, 2), 0.4)
+    o = Oracle(Counting(), x, torch.tensor([0, 5]), budget=3, eps=0.1, norm="linf")
+    with pytest.raises(ValueError, match="labels"):
+        o.scores(x, torch.arange(2))
+    assert o.queries.sum() == 0
+
+
+def test_result_and_curves() -> None:
+    r = AttackResult(
+        x_adv=torch.zeros(4, 1),
+        success=torch.tensor([True, True, False, False]),
+        queries=torch.tensor([3, 10, 20, 20]),
+        success_query=torch.tensor([3, 10, -1, -1]),
+        verify_forwards=torch.zeros(4, dtype=torch.long),
+        budget=20,
+        votes=9,
+    )
+    assert r.robust_accuracy() == 0.5
+    assert r.robust_accuracy(5) == 0.75
+    assert r.robust_curve(torch.tensor([0, 3, 10])).tolist() == [1.0, 0.75, 0.5]
+
+
+def test_binomial_majority_and_rejudge() -> None:
+    p = torch.tensor([0.0, 0.5, 1.0, 0.3], dtype=torch.float64)
+    maj = _binom_majority(p, 9)
+    assert maj[0] == 0 and maj[2] == 1 and abs(maj[1].item() - 0.5) < 1e-12
+    exact = sum(math.comb(9, k) * 0.3**k * 0.7 ** (9 - k) for k in range(5, 10))
+    assert abs(maj[3].item() - exact) < 1e-12
+    m = Counting()
+    x = torch.full((2, 1, 2, 2), 0.4)
+    x[1, 0, 0, 0] = 0.9
+    fresh = rejudge(m, x, torch.zeros(2, dtype=torch.long), votes=9, forwards=20)
+    assert fresh.tolist() == [0.0, 1.0]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 4),
+    c=st.integers(1, 3),
+    hw=st.integers(1, 6),
+    eps=st.floats(1e-4, 2.0),
+    norm=st.sampled_from(["linf", "l2"]),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.float16]),
+    scale=st.floats(0.0, 10.0),
+    seed=st.integers(0, 1000),
+)
+def test_project_is_exact(
+    n: int, c: int, hw: int, eps: float, norm: str, dtype: torch.dtype, scale: float, seed: int
+) -> None:
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.rand(n, c, hw, hw, generator=g).to(dtype)
+    x = (x0.float() + scale * torch.randn(n, c, hw, hw, generator=g)).to(dtype)
+    p = project(x, x0, eps, norm)  # type: ignore[arg-type]
+    assert p.dtype == dtype
+    assert bool((distance(p, x0, norm) <= eps).all())  # type: ignore[arg-type]
+    assert bool(((p >= 0) & (p <= 1)).all())
+
+
+def test_margin() -> None:
+    s = torch.tensor([[1.0, 3.0, 2.0], [5.0, 1.0, 1.0]])
+    assert margin(s, torch.tensor([1, 0])).tolist() == [1.0, 4.0]
