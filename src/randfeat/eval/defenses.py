@@ -262,7 +262,14 @@ class AAA(nn.Module):
 
     Args:
         model: the classifier, images ``[N, C, H, W]`` in ``[0, 1]`` to logits ``[N, K]``.
-        tau, dev, kappa, beta, steps, lr, temperature, variant: see :func:`aaa_logits`.
+        tau: attractor period τ (see :func:`aaa_logits` for this and the following).
+        dev: attractor offset.
+        kappa: reversal slope κ of the linear variant.
+        beta: weight β of the calibration loss.
+        steps: Adam steps on the logits.
+        lr: Adam learning rate.
+        temperature: softmax temperature T of the calibration target.
+        variant: ``"linear"`` or ``"sine"``.
 
     References:
         Chen, Huang, Tao, Wu, Xie, Huang. "Adversarial Attack on Attackers: Post-Process to
