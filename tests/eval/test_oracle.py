@@ -200,3 +200,32 @@ def test_project_is_exact(
 def test_margin() -> None:
     s = torch.tensor([[1.0, 3.0, 2.0], [5.0, 1.0, 1.0]])
     assert margin(s, torch.tensor([1, 0])).tolist() == [1.0, 4.0]
+
+
+def test_eot_repeats_one_forward_batch_at_a_time() -> None:
+    """Under EOT the input copies are made per forward batch, and label-only answers are averaged
+    as one-hot votes over a common number of classes even when chunks see different labels."""
+    seen: list[int] = []
+
+    def labels(x: torch.Tensor) -> torch.Tensor:
+        seen.append(x.shape[0])
+        return (x.flatten(1)[:, 0] > 0.5).long()
+
+    x = torch.full((4, 1, 2, 2), 0.4)
+    x[3, 0, 0, 0] = 0.6
+    o = Oracle(
+        labels,
+        x,
+        torch.zeros(4, dtype=torch.long),
+        budget=9,
+        eps=0.3,
+        norm="linf",
+        output="labels",
+        batch_size=6,
+        samples=3,
+        votes=1,
+    )
+    out = o.labels(x, torch.arange(4))
+    assert out.tolist() == [0, 0, 0, 1]
+    assert max(seen) <= 6 and sum(seen) == 12
+    assert o.queries.tolist() == [3, 3, 3, 3]

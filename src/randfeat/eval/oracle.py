@@ -235,12 +235,13 @@ class Oracle:
             raise RuntimeError("attack bug: queried a point outside [0, 1]")
         if self.samples == 1:
             out = self._raw(x)
-        else:
-            rep = self._raw(x.repeat_interleave(self.samples, dim=0))
-            if rep.ndim == 1:
-                k = self.num_classes or int(rep.max()) + 1
-                rep = torch.nn.functional.one_hot(rep, k).float()
-            out = rep.view(x.shape[0], self.samples, -1).mean(dim=1)
+        else:  # EOT: repeat one forward batch at a time, never the whole query at once
+            rows = max(1, self.batch_size // self.samples)
+            raw = [self._raw(c.repeat_interleave(self.samples, dim=0)) for c in x.split(rows)]
+            if raw[0].ndim == 1:  # label-only model: average one-hot votes over a common K
+                k = max(self.num_classes or 0, *(int(r.max()) + 1 for r in raw))
+                raw = [torch.nn.functional.one_hot(r, k).float() for r in raw]
+            out = torch.cat([r.view(-1, self.samples, r.shape[1]).mean(dim=1) for r in raw])
         self.queries += counts
         self._check_success(x, idx, self._predict(out))
         return out
