@@ -2,10 +2,19 @@
 
 from __future__ import annotations
 
+from randfeat.calibration import Calibration as Calibration
+from randfeat.calibration import calibrate_nu as calibrate_nu
 from randfeat.theory import theorem1_fooling_probability as theorem1_fooling_probability
 from randfeat.wrapper import RandomizedFeatureWrapper as RandomizedFeatureWrapper
 from randfeat.wrapper import wrap as wrap
 
 __version__ = "0.1.0.dev0"
 
-__all__ = ["RandomizedFeatureWrapper", "__version__", "theorem1_fooling_probability", "wrap"]
+__all__ = [
+    "Calibration",
+    "RandomizedFeatureWrapper",
+    "__version__",
+    "calibrate_nu",
+    "theorem1_fooling_probability",
+    "wrap",
+]

@@ -1,0 +1,149 @@
+"""Cost of ``randfeat.calibrate_nu`` in clean-pass equivalents, measured in one run.
+
+For one timm model (random weights, ``pretrained=False``) and ``--n-images`` random images, the
+labels are the model's own clean predictions, so the base accuracy is 100% by construction and every
+target drop is reachable. The script times:
+
+* one plain clean pass (``model(x)`` in batches of ``--batch-size``, no hooks), median of
+  ``--rounds``;
+* ``calibrate_nu`` at the classifier input (``fc.pre`` / ``head.pre``: the cached-head fast path);
+* ``calibrate_nu`` at a mid-network layer (``layer3`` / ``blocks.6``: full noisy forwards),
+
+all with the targets of ``--targets`` in one call, and reports wall time / clean-pass wall time and
+the forwards counted by the calibration (``model_evals`` single-image forwards, ``head_evals``
+head-only evaluations). Prints Markdown and the machine; ``--write`` replaces the "Calibration cost"
+section of ``docs/benchmarks.md``.
+
+Usage::
+
+    python benchmarks/calibration.py --n-images 2000 --model resnet50 --image-size 224
+    python benchmarks/calibration.py --model resnet18 --n-images 200 --image-size 64 --fallback-draws 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import timm
+import torch
+from _machine import describe_machine, replace_section
+
+import randfeat
+
+HEAD = {"resnet": "fc.pre", "vit": "head.pre", "deit": "head.pre"}
+MID = {"resnet": "layer3", "vit": "blocks.6", "deit": "blocks.6"}
+
+
+def _family(name: str) -> str:
+    for k in HEAD:
+        if name.startswith(k):
+            return k
+    raise SystemExit(f"--model {name!r}: pass --fast-layer and --mid-layer for this family.")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def clean_pass(model: torch.nn.Module, x: torch.Tensor, batch: int, device: torch.device) -> float:
+    """Wall time of one plain pass over ``x`` (no hooks, no checks)."""
+    _sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for chunk in x.split(batch):
+            model(chunk).argmax(1)
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--n-images", type=int, default=2000)
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--batch-size", type=int, default=128, help="rows per forward (clean and noisy)")
+    p.add_argument("--targets", type=float, nargs="+", default=[0.01, 0.02, 0.04])
+    p.add_argument("--fast-layer", default=None, help="default: fc.pre (ResNet) / head.pre (ViT)")
+    p.add_argument("--mid-layer", default=None, help="default: layer3 (ResNet) / blocks.6 (ViT)")
+    p.add_argument("--fallback-draws", type=int, default=None, help="default: calibrate_nu's")
+    p.add_argument("--skip-fallback", action="store_true")
+    p.add_argument("--rounds", type=int, default=3, help="clean passes timed (median)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    args = p.parse_args()
+
+    device = torch.device(args.device)
+    fam = _family(args.model) if args.fast_layer is None or args.mid_layer is None else ""
+    fast_layer = args.fast_layer or HEAD[fam]
+    mid_layer = args.mid_layer or MID[fam]
+    torch.manual_seed(args.seed)
+    kw: dict[str, object] = {"pretrained": False}
+    if fam in ("vit", "deit"):
+        kw["img_size"] = args.image_size
+    model = timm.create_model(args.model, **kw).eval().to(device)
+    gen = torch.Generator().manual_seed(args.seed)
+    x = torch.rand(args.n_images, 3, args.image_size, args.image_size, generator=gen).to(device)
+    with torch.no_grad():
+        y = torch.cat([model(c).argmax(1) for c in x.split(args.batch_size)])  # also a warm-up
+    clean = statistics.median(
+        clean_pass(model, x, args.batch_size, device) for _ in range(args.rounds)
+    )
+
+    runs = [("fast path", fast_layer, None)]
+    if not args.skip_fallback:
+        runs.append(("fallback", mid_layer, args.fallback_draws))
+    rows = []
+    for label, layer, draws in runs:
+        _sync(device)
+        t0 = time.perf_counter()
+        cs = randfeat.calibrate_nu(
+            model,
+            (x, y),
+            layer,
+            args.targets,
+            seed=args.seed,
+            draws=draws,
+            batch_size=args.batch_size,
+            progress=False,
+        )
+        _sync(device)
+        wall = time.perf_counter() - t0
+        c = cs[0]
+        n = c.n_images
+        nus = ", ".join(f"{r.nu:.3g}" for r in cs)
+        drops = ", ".join(f"{r.drop:.4f}" for r in cs)
+        rows.append(
+            f"| {label} | `{layer}` | {c.fast_path} | {c.draws} | {len(c.history)} | "
+            f"{wall:.2f} | **{wall / clean:.2f}** | {c.model_evals / n:.1f} | "
+            f"{c.head_evals / n:.0f} | {nus} | {drops} |"
+        )
+
+    body = "\n".join(
+        [
+            f"`python benchmarks/calibration.py --model {args.model} --n-images {args.n_images} "
+            f"--image-size {args.image_size} --batch-size {args.batch_size}"
+            + (f" --fallback-draws {args.fallback_draws}" if args.fallback_draws else "")
+            + "`",
+            "",
+            f"Machine: {describe_machine(device)}. Random weights; labels = the model's own clean "
+            "predictions (base accuracy 100%). Targets "
+            f"{', '.join(str(t) for t in args.targets)} in one call. One plain clean pass over the "
+            f"same {args.n_images} images: {clean:.2f} s (median of {args.rounds}).",
+            "",
+            "| path | layer | fast path | draws | candidates | wall (s) | clean-pass equiv. "
+            "| model evals / N | head evals / N | ν per target | drop per target |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
+    print(body)
+    if args.write:
+        replace_section("Calibration cost", body, device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,922 @@
+"""Choose the noise variance ν by its clean-accuracy cost (paper §5: defenses compared at equal drops).
+
+The paper compares defenses at noise scales that cost ≈1, 2 or 4 points of clean accuracy (Tables
+1–3, 14). With the randomized model's accuracy (Eq. 12)
+
+.. math::
+
+    \\mathrm{Acc}(\\nu) = \\mathbb{E}_{(x,y)}\\,\\mathbb{E}_{\\varepsilon \\sim \\mathcal{N}(0, I)}
+        \\big[\\mathbb{1}\\{\\arg\\max g(h(x) + \\sqrt{\\nu}\\,\\sigma \\odot \\varepsilon) = y\\}\\big],
+
+:func:`calibrate_nu` finds ν with ``Acc(0) - Acc(ν) ≈ target_drop`` on calibration data, estimating
+``Acc(ν)`` with ``draws`` noise draws per image.
+
+**Common random numbers.** Every candidate ν reuses the same noise ε (the noise stream is reseeded
+before each candidate), scaled by √ν, so each draw moves the feature along a fixed ray
+``h + s·σ⊙ε``, ``s = √ν``. For a linear (affine) head the set of features classified ``y`` is an
+intersection of half-spaces, hence convex, so along the ray it is an interval: a draw of a
+correctly classified image stays correct up to some ``s*`` and wrong beyond it. The estimated
+accuracy over clean-correct images is therefore *exactly* non-increasing in ν; a clean-*mis*classified
+image can be "rescued" by noise on an interval of ν, the only source of non-monotonicity (rare; none
+when the labels are the model's own predictions). Deeper heads give no such guarantee, so the search
+below never relies on monotonicity: it keeps the tightest consistent bracket.
+
+**Search.** Start at a data-derived guess (a tenth of the measured feature variance, i.e. a
+signal-to-noise ratio of 10), step ×10 / ÷10 until the target is bracketed (within 60 decades, else
+a clear error), then bisect in log space. Stop at ``tol`` (``stopped="tol"``) or at the resolution
+the data allow (``stopped="resolution"``: the bracket's relative width is below 1e-3, or its two
+ends differ by one correct draw so no ν in between can do better). Every evaluated candidate is
+shared across targets.
+
+**Fast path.** When the single perturbed point is the input of a module whose output *is* the
+model's output (``head.pre`` on the digits CNN and timm ViTs, ``fc.pre`` on ResNets), verified on
+every batch of the clean pass (exactly one call, one positional input, its output ``torch.equal`` to
+the model's output, and re-running it on the captured input reproduces that output), the clean pass
+caches the head's input features ``[N, *F]`` on the model's device (memory ``N × prod(F) ×
+itemsize``: 16 MB for 2,000 ResNet-50 images) and each candidate runs only the head on
+``features + √ν·σ⊙ε``. Calibration then costs about one clean pass. Any other choice of layers
+(``"input"``, mid-network layers, several layers) runs full noisy forwards through a
+:class:`~randfeat.wrapper.RandomizedFeatureWrapper`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import numbers
+import secrets
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypedDict, overload
+
+import torch
+from torch import Tensor, nn
+
+from randfeat.layers import HookPoint, resolve_layers
+from randfeat.noise import add_noise, check_feature, sigma_for
+from randfeat.wrapper import NuSpec, RandomizedFeatureWrapper
+
+__all__ = ["Calibration", "calibrate_nu"]
+
+logger = logging.getLogger(__name__)
+
+NoiseShape = Literal["isotropic", "feature-variance"]
+Stopped = Literal["tol", "resolution"]
+Data = tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]]
+
+DRAW_BUDGET = 20_000
+"""Default ``draws = ceil(DRAW_BUDGET / N)``: 20,000 draws make the Monte-Carlo standard error of a
+2-point drop √(0.02·0.98/20000) ≈ 0.001, the default ``tol``."""
+MAX_DRAWS = 64
+"""Cap on the default draws: below ~300 images the data's own sampling error √(p(1-p)/N) dominates
+and more draws per image cannot reduce it."""
+MIN_TOL = 1e-3
+"""Default ``tol = max(MIN_TOL, resolution / 2)``: 0.1 point, the Monte-Carlo error at 20,000 draws
+and 10× finer than the smallest drop the paper uses; bisecting finer only fits noise."""
+GUESS_FACTOR = 0.1
+"""First candidate: ν = 0.1 × feature variance (isotropic), ν = 0.1 (feature-variance)."""
+MAX_DECADES = 60
+"""The bracket search gives up after moving this many decades away from the first candidate."""
+SATURATED_DECADES = 4
+"""Stop stepping up (error) when this many ×10 steps leave the accuracy unchanged below the base."""
+NARROW = 1e-3
+"""Stop bisecting when ``hi / lo - 1`` falls below this."""
+DEFAULT_ROWS = 256
+"""Default rows (images or noisy copies) per model forward."""
+HEAD_ELEMENTS = 1 << 24
+"""Fast path: rows per head call are ``max(batch_size, HEAD_ELEMENTS // prod(F))`` (64 MB float32)."""
+CHANCE_SE = 3.0
+"""A model is "at chance" when its accuracy is at most ``1/K + 3·√((1/K)(1-1/K)/N)``: a guessing
+classifier exceeds that on N images with probability ≈ 0.1%."""
+
+
+class _ReadOnly(Mapping[str, Tensor]):
+    """A read-only, picklable mapping layer → Σ (``types.MappingProxyType`` does not pickle)."""
+
+    def __init__(self, items: Mapping[str, Tensor]) -> None:
+        self._items = dict(items)
+
+    def __getitem__(self, key: str) -> Tensor:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __repr__(self) -> str:
+        return "{" + ", ".join(f"{k!r}: Σ{list(v.shape)}" for k, v in self._items.items()) + "}"
+
+
+class WrapKwargs(TypedDict):
+    """Keyword arguments for :func:`randfeat.wrap` / :class:`RandomizedFeatureWrapper`."""
+
+    layers: list[str]
+    nu: NuSpec
+
+
+@dataclass(frozen=True, eq=False)
+class Calibration:
+    """The result of :func:`calibrate_nu` for one target drop.
+
+    Use it with ``randfeat.wrap(model, **c.wrap_kwargs())`` or
+    ``randfeat.wrap(model, layers=c.layers, nu=c.nu_for_wrap)``.
+
+    Attributes:
+        nu: the scale ν found (a variance for ``"isotropic"``; a factor on Var(feature) for
+            ``"feature-variance"``).
+        sigma: the covariance Σ to give the wrapper (a variance, not a standard deviation): the float
+            ν for ``"isotropic"``, or a read-only mapping layer → ``ν·Var(feature)`` (float32 CPU tensors
+            shaped like the feature without the batch dimension) for ``"feature-variance"``.
+        layers: the canonical perturbed points (``"head.pre"``, ``"input"``, ...).
+        noise: ``"isotropic"`` or ``"feature-variance"``.
+        target_drop: the absolute accuracy drop asked for.
+        base_accuracy: clean accuracy on the data (noise off).
+        accuracy: estimated accuracy of the defended model at ``nu`` (mean over ``draws`` draws).
+        drop: ``base_accuracy - accuracy``.
+        n_images: ``N``, images in the calibration data.
+        draws: noise draws per image for each candidate.
+        resolution: the smallest accuracy step, ``1 / (N · draws)``.
+        tol: the tolerance on ``|drop - target_drop|`` used.
+        stopped: ``"tol"`` (within tol) or ``"resolution"`` (no finer step possible).
+        history: every ``(ν, estimated accuracy)`` evaluated, in search order (shared by all the
+            targets of one call).
+        fast_path: whether candidates ran only the head on cached features.
+        model_evals: full forwards of single images (clean pass + noisy passes) for the whole call.
+        head_evals: head-only evaluations of single images (fast path) for the whole call.
+        clean_pass_equivalents: wall time of the whole call / wall time of its first (clean) pass.
+        wall_time_s: wall time of the whole call, seconds.
+        seed: the ``seed`` argument (``None``: OS entropy, not recorded).
+    """
+
+    nu: float
+    sigma: float | Mapping[str, Tensor] = field(repr=False)
+    layers: tuple[str, ...]
+    noise: NoiseShape
+    target_drop: float
+    base_accuracy: float
+    accuracy: float
+    drop: float
+    n_images: int
+    draws: int
+    resolution: float
+    tol: float
+    stopped: Stopped
+    history: tuple[tuple[float, float], ...] = field(repr=False)
+    fast_path: bool
+    model_evals: int
+    head_evals: int
+    clean_pass_equivalents: float
+    wall_time_s: float
+    seed: int | None
+
+    @property
+    def nu_for_wrap(self) -> NuSpec:
+        """The ``nu`` argument of :func:`randfeat.wrap` (``sigma``)."""
+        return self.sigma
+
+    def wrap_kwargs(self) -> WrapKwargs:
+        """``{"layers": [...], "nu": ...}`` for ``randfeat.wrap(model, **c.wrap_kwargs())``."""
+        return {"layers": list(self.layers), "nu": self.sigma}
+
+
+# ---------------------------------------------------------------------------- argument checks
+def _check_targets(target_drop: object) -> tuple[list[float], bool]:
+    many = isinstance(target_drop, Sequence) and not isinstance(target_drop, (str, bytes))
+    values = list(target_drop) if many else [target_drop]  # type: ignore[call-overload]
+    if not values:
+        raise ValueError("Expected argument `target_drop` to be a float or a non-empty sequence.")
+    out = []
+    for t in values:
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0 < float(t) < 1:
+            raise ValueError(
+                f"Expected argument `target_drop` to be an accuracy drop in (0, 1) (0.02 = two "
+                f"points), or a sequence of them, but got {t!r}."
+            )
+        out.append(float(t))
+    return out, many
+
+
+def _check_positive_int(value: object, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(
+            f"Expected argument `{name}` to be None or an int >= 1, but got {value!r}."
+        )
+    return value
+
+
+def _check_args(
+    model: object, noise: object, seed: object, tol: object, draws: object, batch_size: object
+) -> None:
+    if isinstance(model, RandomizedFeatureWrapper):
+        raise TypeError(
+            "Expected argument `model` to be the undefended model, but got a "
+            "RandomizedFeatureWrapper. Pass `wrapper.model` (or `wrapper.unwrap()`)."
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"Expected argument `model` to be an nn.Module, but got {type(model).__name__}."
+        )
+    if noise not in ("isotropic", "feature-variance"):
+        raise ValueError(
+            f"Expected argument `noise` to be 'isotropic' or 'feature-variance', but got {noise!r}."
+        )
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"Expected argument `seed` to be None or an int, but got {seed!r}.")
+    if tol is not None and (
+        isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1
+    ):
+        raise ValueError(
+            f"Expected argument `tol` to be None or a float in (0, 1), but got {tol!r}."
+        )
+    _check_positive_int(draws, "draws")
+    _check_positive_int(batch_size, "batch_size")
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
+    for t in (*model.parameters(), *model.buffers()):
+        return t.device, (t.dtype if t.is_floating_point() else None)
+    return torch.device("cpu"), None
+
+
+# ---------------------------------------------------------------------------- data
+class _Source:
+    """``data`` as ``(x, y)`` batches of at most ``rows`` images on the model's device.
+
+    A tensor pair is sliced; an iterable (a DataLoader) is iterated once per pass, and later passes
+    must yield the same labels in the same order (checked: a shuffled loader would break common
+    random numbers); a one-shot iterator is kept in memory on the first pass and replayed.
+    """
+
+    def __init__(self, data: object, rows: int, device: torch.device, dtype: torch.dtype | None):
+        self.rows, self.device, self.dtype = rows, device, dtype
+        self.pair: tuple[Tensor, Tensor] | None = None
+        self.iterable: Iterable[Any] | None = None
+        self.replay: list[Any] | None = None
+        self.labels: list[Tensor] = []  # first-pass labels per batch, to check later passes
+        self.passes = 0
+        if (
+            isinstance(data, (tuple, list))
+            and len(data) == 2
+            and all(isinstance(t, Tensor) for t in data)
+        ):
+            x, y = data
+            _check_batch(x, y)
+            self.pair = (x, y)
+        elif isinstance(data, Tensor) or not isinstance(data, Iterable):
+            raise TypeError(
+                "Expected argument `data` to be an (x, y) pair of tensors or an iterable of (x, y) "
+                f"batches (e.g. a DataLoader), but got {type(data).__name__}."
+            )
+        else:
+            self.iterable = data
+            if isinstance(data, Iterator):
+                self.replay = []
+
+    def _raw(self) -> Iterator[tuple[Tensor, Tensor]]:
+        if self.pair is not None:
+            x, y = self.pair
+            yield from zip(x.split(self.rows), y.split(self.rows), strict=True)
+            return
+        if self.replay is not None and self.passes > 1:
+            yield from self.replay
+            return
+        for item in self.iterable or ():
+            if not (isinstance(item, (tuple, list)) and len(item) >= 2):
+                raise TypeError(
+                    "Expected argument `data` to yield (x, y) batches, but got an item of type "
+                    f"{type(item).__name__}."
+                )
+            x, y = item[0], item[1]
+            _check_batch(x, y)
+            if self.replay is not None:
+                self.replay.append((x, y))
+            yield from zip(x.split(self.rows), y.split(self.rows), strict=True)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        self.passes += 1
+        first = self.passes == 1
+        check = self.iterable is not None and self.replay is None  # a re-iterated loader
+        i = -1
+        for i, (x, y) in enumerate(self._raw()):
+            x = x.to(self.device, self.dtype if self.dtype and x.is_floating_point() else None)
+            y = y.to(self.device)
+            if check and first:
+                self.labels.append(y)
+            elif check and (i >= len(self.labels) or not torch.equal(y, self.labels[i])):
+                raise ValueError(
+                    "Expected argument `data` to yield the same batches in the same order on every "
+                    "pass, but the labels changed between passes (a shuffled DataLoader?). Use "
+                    "shuffle=False, or pass an (x, y) pair of tensors."
+                )
+            yield x, y
+        if check and not first and i + 1 != len(self.labels):
+            raise ValueError(
+                "Expected argument `data` to yield the same batches on every pass, but it yielded "
+                f"{i + 1} batches after {len(self.labels)} on the first pass."
+            )
+
+
+def _check_batch(x: object, y: object) -> None:
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise TypeError(
+            "Expected argument `data` to hold tensors (x, y), but got "
+            f"({type(x).__name__}, {type(y).__name__})."
+        )
+    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
+        raise TypeError(
+            f"Expected the labels y in argument `data` to be an integer tensor, but got dtype {y.dtype}."
+        )
+    if y.ndim != 1 or x.ndim < 1 or x.shape[0] != y.shape[0]:
+        raise ValueError(
+            "Expected argument `data` to pair x [N, ...] with labels y [N], but got x of shape "
+            f"{tuple(x.shape)} and y of shape {tuple(y.shape)}."
+        )
+
+
+# ---------------------------------------------------------------------------- clean-pass capture
+class _Moments:
+    """Per-layer moments: pooled scalar ones, and per-feature mean/M2 (Chan's merge) on request."""
+
+    def __init__(self, key: str, per_feature: bool) -> None:
+        self.key, self.per_feature = key, per_feature
+        self.s1: Tensor | float = 0.0
+        self.s2: Tensor | float = 0.0
+        self.count = 0
+        self.n = 0
+        self.mean: Tensor | None = None
+        self.m2: Tensor | None = None
+        self.fired = False
+
+    def add(self, feature: object) -> None:
+        f = check_feature(feature, self.key).detach().float()
+        self.fired = True
+        if f.numel() == 0:
+            return
+        self.s1 = self.s1 + f.sum(dtype=torch.float64)
+        self.s2 = self.s2 + f.square().sum(dtype=torch.float64)
+        self.count += f.numel()
+        if not self.per_feature:
+            return
+        b = f.shape[0]
+        mean_b = f.mean(0)
+        m2_b = (f - mean_b).square().sum(0).double()
+        mean_b = mean_b.double()
+        if self.mean is None or self.m2 is None:
+            self.n, self.mean, self.m2 = b, mean_b, m2_b
+            return
+        if self.mean.shape != mean_b.shape:
+            raise ValueError(
+                f"Feature-variance noise needs a fixed feature shape at {self.key!r}, but it changed "
+                f"from {list(self.mean.shape)} to {list(mean_b.shape)} between batches."
+            )
+        n = self.n + b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * (b / n)
+        self.m2 = self.m2 + m2_b + delta.square() * (self.n * b / n)
+        self.n = n
+
+    def pooled_variance(self) -> float:
+        if self.count == 0:
+            return 0.0
+        mean = float(self.s1) / self.count
+        return max(float(self.s2) / self.count - mean * mean, 0.0)
+
+    def variance(self) -> Tensor:
+        """Per-feature population variance ``[*F]`` (float32, CPU)."""
+        if self.m2 is None or self.n == 0:
+            raise ValueError(f"No features were captured at {self.key!r}.")
+        return (self.m2 / self.n).clamp_min(0).float().cpu()
+
+
+class _HeadCheck:
+    """Forward hook on the candidate head: one call per forward, one positional input, its output."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.args: tuple[Any, ...] = ()
+        self.kwargs: dict[str, Any] = {}
+        self.output: object = None
+
+    def __call__(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        self.calls += 1
+        self.args, self.kwargs, self.output = tuple(args), dict(kwargs), output
+
+    def verdict(self, logits: Tensor) -> tuple[Tensor | None, str]:
+        """The head's input if this batch allows the fast path, else the reason why not."""
+        if self.calls != 1:
+            return None, f"the head ran {self.calls} times in one forward"
+        if len(self.args) != 1 or self.kwargs or not isinstance(self.args[0], Tensor):
+            return None, "the head was not called with exactly one tensor argument"
+        out = self.output
+        if not isinstance(out, Tensor) or (out is not logits and not torch.equal(out, logits)):
+            return None, "the head's output is not the model's output"
+        return self.args[0], ""
+
+
+# ---------------------------------------------------------------------------- the search
+class _Search:
+    """Candidate ν → correct-draw count, cached and shared by every target (counts are integers)."""
+
+    def __init__(
+        self, evaluate: Callable[[float], int], total: int, base_count: int, guess: float
+    ) -> None:
+        self.evaluate, self.total, self.base_count, self.guess = evaluate, total, base_count, guess
+        self.cache: dict[float, int] = {}
+        self.order: list[float] = []
+
+    def count(self, nu: float) -> int:
+        if nu not in self.cache:
+            self.cache[nu] = self.evaluate(nu)
+            self.order.append(nu)
+            logger.info("calibrate_nu: ν=%.6g accuracy=%.5f", nu, self.cache[nu] / self.total)
+        return self.cache[nu]
+
+    def _bounds(self, need: float) -> tuple[float | None, float | None]:
+        """hi: the smallest ν below ``need``; lo: the largest ν < hi at or above ``need``."""
+        below = [v for v, c in self.cache.items() if c < need]
+        hi = min(below) if below else None
+        above = [v for v, c in self.cache.items() if c >= need and (hi is None or v < hi)]
+        return (max(above) if above else None), hi
+
+    def _unreachable(self, need: float, why: str) -> ValueError:
+        floor = min(self.cache.values()) / self.total
+        return ValueError(
+            f"Cannot reach accuracy {need / self.total:.5f} with this noise: {why} (lowest "
+            f"accuracy seen {floor:.5f}, base accuracy {self.base_count / self.total:.5f}). "
+            "Choose a smaller `target_drop`, or other `layers`."
+        )
+
+    def solve(self, need: float, tol_count: float) -> tuple[float, Stopped]:
+        """The best ν for ``need`` correct draws, and why the search stopped."""
+        if not self.cache:
+            self.count(self.guess)
+        for _ in range(4 * MAX_DECADES):
+            lo, hi = self._bounds(need)
+            if hi is None:
+                top = sorted(self.cache)[-SATURATED_DECADES:]
+                counts = {self.cache[v] for v in top}
+                if (
+                    len(top) == SATURATED_DECADES
+                    and top[-1] >= top[0] * 10 ** (SATURATED_DECADES - 1.5)
+                    and len(counts) == 1
+                    and self.base_count not in counts
+                ):
+                    raise self._unreachable(need, f"accuracy levels off for ν >= {top[0]:.3g}")
+                nu = max(self.cache) * 10.0
+                if nu > self.guess * 10.0**MAX_DECADES:
+                    raise self._unreachable(need, f"no ν up to {nu / 10:.3g} is noisy enough")
+                try:
+                    self.count(nu)
+                except _NonFinite as err:
+                    raise self._unreachable(need, f"ν={nu:.3g} overflows ({err})") from None
+            elif lo is None:
+                nu = min(self.cache) / 10.0
+                if nu < self.guess / 10.0**MAX_DECADES:
+                    raise self._unreachable(need, f"even ν={nu * 10:.3g} costs too much accuracy")
+                self.count(nu)
+            else:
+                best = min(self.cache, key=lambda v: (abs(self.cache[v] - need), v))
+                if abs(self.cache[best] - need) <= tol_count:
+                    return best, "tol"
+                if hi / lo - 1.0 < NARROW or self.cache[lo] - self.cache[hi] <= 1:
+                    return best, "resolution"
+                self.count(math.sqrt(lo * hi))
+        raise RuntimeError("calibrate_nu: the search did not terminate (please report this).")
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------- progress
+class _NoBar:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_description(self, desc: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(enabled: bool) -> Any:
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # optional dependency
+        return _NoBar()
+    return tqdm(desc="calibrate ν: clean pass", unit="batch", disable=None, leave=False)
+
+
+# ---------------------------------------------------------------------------- calibrate_nu
+@overload
+def calibrate_nu(
+    model: nn.Module,
+    data: Data,
+    layers: str | Sequence[str] = ...,
+    target_drop: float = ...,
+    *,
+    seed: int | None = ...,
+    tol: float | None = ...,
+    progress: bool = ...,
+    draws: int | None = ...,
+    noise: NoiseShape = ...,
+    batch_size: int | None = ...,
+) -> Calibration: ...
+
+
+@overload
+def calibrate_nu(
+    model: nn.Module,
+    data: Data,
+    layers: str | Sequence[str],
+    target_drop: Sequence[float],
+    *,
+    seed: int | None = ...,
+    tol: float | None = ...,
+    progress: bool = ...,
+    draws: int | None = ...,
+    noise: NoiseShape = ...,
+    batch_size: int | None = ...,
+) -> list[Calibration]: ...
+
+
+@overload
+def calibrate_nu(
+    model: nn.Module,
+    data: Data,
+    *,
+    target_drop: Sequence[float],
+    layers: str | Sequence[str] = ...,
+    seed: int | None = ...,
+    tol: float | None = ...,
+    progress: bool = ...,
+    draws: int | None = ...,
+    noise: NoiseShape = ...,
+    batch_size: int | None = ...,
+) -> list[Calibration]: ...
+
+
+def calibrate_nu(
+    model: nn.Module,
+    data: Data,
+    layers: str | Sequence[str] = ("head.pre",),
+    target_drop: float | Sequence[float] = 0.01,
+    *,
+    seed: int | None = None,
+    tol: float | None = None,
+    progress: bool = True,
+    draws: int | None = None,
+    noise: NoiseShape = "isotropic",
+    batch_size: int | None = None,
+) -> Calibration | list[Calibration]:
+    """Find the noise scale ν whose clean-accuracy cost on ``data`` is ``target_drop``.
+
+    Args:
+        model: the undefended classifier returning logits ``[N, K]`` (eval mode).
+        data: an ``(x, y)`` pair (``x: [N, ...]``, ``y: [N]`` int64 in ``[0, K)``) or an iterable of
+            such batches (a DataLoader without shuffling). Moved to the device and floating dtype of
+            the model's first parameter or buffer (CPU if none).
+        layers: layer specs as for :func:`randfeat.wrap` (``"head.pre"``, ``"penultimate"``,
+            ``"input"`` = RND, a module name, or several: one shared ν).
+        target_drop: absolute accuracy drop (0.02 = two points) in ``(0, base accuracy)``, or a
+            sequence of them (one result each, all from the same pass over the data).
+        seed: ``None`` draws the calibration noise from OS entropy; an int makes it reproducible.
+        tol: stop when ``|drop - target_drop| <= tol``; default ``max(0.001, resolution / 2)``.
+        progress: show a tqdm bar (if tqdm is installed and stderr is a terminal).
+        draws: noise draws per image per candidate; default ``min(64, ceil(20000 / N))``.
+        noise: ``"isotropic"`` (Σ = ν·I) or ``"feature-variance"`` (Σ = ν·Var(feature), per feature,
+            measured over ``data`` in the clean pass).
+        batch_size: most rows (images, or noisy copies of images) per forward; default 256.
+
+    Returns:
+        A :class:`Calibration`, or a list of them (same order) when ``target_drop`` is a sequence.
+
+    Raises:
+        TypeError: a wrapped or non-module ``model``, malformed ``data``, non-integer labels.
+        ValueError: an unknown layer, a target outside ``(0, base accuracy)``, empty data, labels
+            out of range, x/y length mismatch, non-finite logits, a model at chance accuracy, or a
+            target the noise cannot reach within 60 decades of ν.
+    """
+    targets, many = _check_targets(target_drop)
+    _check_args(model, noise, seed, tol, draws, batch_size)
+    points = resolve_layers(model, layers)
+    if model.training:
+        logger.warning(
+            "calibrate_nu: the model is in training mode (dropout/batch-norm make the accuracy "
+            "random and update buffers); call model.eval() first."
+        )
+    with torch.no_grad():
+        results = _calibrate(
+            model, data, points, targets, seed, tol, progress, draws, noise, batch_size
+        )
+    return results if many else results[0]
+
+
+@dataclass
+class _Clean:
+    """What the clean pass measured."""
+
+    n: int
+    k: int
+    base_count: int
+    moments: dict[str, _Moments]
+    features: Tensor | None  # [N, *F] head inputs (fast path only)
+    labels: Tensor | None  # [N]
+    fast_reason: str  # "" when the fast path is valid
+    head_evals: int
+    seconds: float
+
+
+def _clean_pass(
+    model: nn.Module, source: _Source, points: list[HookPoint], per_feature: bool, bar: Any
+) -> _Clean:
+    """One pass with noise off: accuracy, feature moments, and the verified head-input cache."""
+    t0 = time.perf_counter()
+    keys = [p.key for p in points]
+    moments = {k: _Moments(k, per_feature) for k in keys}
+    only = points[0] if len(points) == 1 else None
+    head = (
+        only.module if only is not None and only.where == "input" and only.key != "input" else None
+    )
+    reason = "" if head is not None else "the noise is not at the input of the output module"
+    check = _HeadCheck()
+    handles = []
+    feats: list[Tensor] = []
+    labels: list[Tensor] = []
+    outs: list[Tensor] = []
+    n, k, correct = 0, 0, torch.zeros((), dtype=torch.int64, device=source.device)
+    try:
+        for p in points:
+            if p.key == "input":
+                continue
+            m = moments[p.key]
+            if p.where == "input":
+                hook = p.module.register_forward_pre_hook(lambda _, a, m=m: m.add(a[0] if a else a))
+            else:
+                hook = p.module.register_forward_hook(lambda _, a, o, m=m: m.add(o))
+            handles.append(hook)
+        if head is not None:
+            handles.append(head.register_forward_hook(check, with_kwargs=True))
+        for x, y in source:
+            check.calls = 0
+            for mo in moments.values():
+                mo.fired = False
+            if "input" in moments:
+                moments["input"].add(x)
+            logits = model(x)
+            k = _check_logits(logits, x, y, n)
+            missing = [key for key, mo in moments.items() if not mo.fired]
+            if missing:
+                raise ValueError(
+                    f"Layer(s) {missing} were never reached in the model's forward; choose layers "
+                    "that the forward pass actually calls."
+                )
+            correct += (logits.argmax(1) == y).sum()
+            n += x.shape[0]
+            if head is not None and not reason:
+                feature, reason = check.verdict(logits)
+                if feature is not None:
+                    feats.append(feature)
+                    labels.append(y)
+                    outs.append(logits)
+                else:
+                    feats, labels, outs = [], [], []
+            bar.update()
+    finally:
+        for h in handles:
+            h.remove()
+    base_count = int(correct)
+    seconds = time.perf_counter() - t0
+    head_evals = 0
+    if head is not None and not reason:  # the head must be a pure function of its input
+        for f, out in zip(feats, outs, strict=True):
+            head_evals += f.shape[0]
+            if not torch.equal(head(f), out):
+                reason = "re-running the head on its input does not reproduce the output"
+                break
+    fast = head is not None and not reason and n > 0
+    return _Clean(
+        n=n,
+        k=k,
+        base_count=base_count,
+        moments=moments,
+        features=torch.cat(feats) if fast else None,
+        labels=torch.cat(labels) if fast else None,
+        fast_reason=reason,
+        head_evals=head_evals,
+        seconds=seconds,
+    )
+
+
+def _check_logits(logits: object, x: Tensor, y: Tensor, start: int) -> int:
+    """Validate one batch of clean logits ``[B, K]`` and its labels; return K."""
+    if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != x.shape[0]:
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(
+            f"Expected argument `model` to return logits [N, K], but got {shape} for a batch of "
+            f"{x.shape[0]}."
+        )
+    if not bool(torch.isfinite(logits).all()):
+        raise ValueError(
+            "Expected argument `model` to return finite logits, but got NaN/inf on clean data "
+            f"(images {start}..{start + x.shape[0] - 1})."
+        )
+    k = logits.shape[1]
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):
+        raise ValueError(
+            f"Expected the labels in argument `data` to lie in [0, {k}) (the model has K={k} "
+            f"classes), but got values in [{int(y.min())}, {int(y.max())}]."
+        )
+    return k
+
+
+class _Evaluator:
+    """Correct-draw count at ν under common random numbers (the stream restarts at ``seed``)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        source: _Source,
+        clean: _Clean,
+        keys: list[str],
+        spec: Callable[[float], float | dict[str, Tensor]],
+        draws: int,
+        rows: int,
+        seed: int,
+        bar: Any,
+    ) -> None:
+        self.source, self.clean, self.keys, self.spec = source, clean, keys, spec
+        self.draws, self.seed, self.bar = draws, seed, bar
+        self.model_evals, self.head_evals = clean.n, clean.head_evals
+        self.wrapper: RandomizedFeatureWrapper | None = None
+        self.head: nn.Module | None = None
+        if clean.features is not None:
+            self.head = resolve_layers(model, keys)[0].module
+            per_row = max(1, clean.features[0].numel())
+            self.images = max(1, max(rows, HEAD_ELEMENTS // per_row) // draws)
+            self.gen = torch.Generator(device=clean.features.device)
+        else:
+            self.wrapper = RandomizedFeatureWrapper(model, keys, nu=0.0, seed=seed)
+            self.images = max(1, rows // draws)
+
+    def close(self) -> None:
+        if self.wrapper is not None:
+            self.wrapper.unwrap()
+
+    def _batches(self) -> Iterator[tuple[Callable[[Tensor], Any], Tensor, Tensor]]:
+        if self.head is not None and self.clean.features is not None:
+            head, feats, labels = self.head, self.clean.features, self.clean.labels
+            if labels is None:
+                raise RuntimeError("calibrate_nu: fast path without labels (please report this).")
+            for f, y in zip(feats.split(self.images), labels.split(self.images), strict=True):
+                yield head, f, y
+            self.head_evals += self.clean.n * self.draws
+        elif self.wrapper is not None:
+            for x, y in self.source:
+                for xc, yc in zip(x.split(self.images), y.split(self.images), strict=True):
+                    yield self.wrapper, xc, yc
+                self.bar.update()
+            self.model_evals += self.clean.n * self.draws
+
+    def __call__(self, nu: float) -> int:
+        self.bar.set_description(f"calibrate ν={nu:.3g}")
+        s = self.spec(nu)
+        sigma: float | Tensor = 0.0
+        if self.wrapper is not None:
+            self.wrapper.nu = s
+            self.wrapper.manual_seed(self.seed)
+        elif self.clean.features is not None:
+            self.gen.manual_seed(self.seed)
+            one = s[self.keys[0]] if isinstance(s, dict) else s
+            sigma = sigma_for(one, self.clean.features, self.keys[0])
+        device = self.source.device
+        hits = torch.zeros((), dtype=torch.int64, device=device)
+        bad = torch.zeros((), dtype=torch.bool, device=device)
+        for fn, z, y in self._batches():
+            z = z.repeat_interleave(self.draws, 0)
+            out = fn(z) if self.wrapper is not None else fn(add_noise(z, sigma, self.gen))
+            bad |= ~torch.isfinite(out).all()
+            hits += (out.argmax(1) == y.repeat_interleave(self.draws)).sum()
+        if self.wrapper is None:
+            self.bar.update()
+        if bool(bad):
+            raise _NonFinite(f"the model returned NaN/inf logits under noise ν={nu:.3g}")
+        return int(hits)
+
+
+def _calibrate(
+    model: nn.Module,
+    data: object,
+    points: list[HookPoint],
+    targets: list[float],
+    seed: int | None,
+    tol: float | None,
+    progress: bool,
+    draws: int | None,
+    noise: NoiseShape,
+    batch_size: int | None,
+) -> list[Calibration]:
+    t_start = time.perf_counter()
+    rows = batch_size or DEFAULT_ROWS
+    device, dtype = _model_device_dtype(model)
+    source = _Source(data, rows, device, dtype)
+    keys = [p.key for p in points]
+    per_feature = noise == "feature-variance"
+    bar = _progress(progress)
+    try:
+        clean = _clean_pass(model, source, points, per_feature, bar)
+        n, k = clean.n, clean.k
+        if n == 0:
+            raise ValueError(
+                "Expected argument `data` to hold at least one image, but it is empty."
+            )
+        base = clean.base_count / n
+        chance = 1.0 / k + CHANCE_SE * math.sqrt((1.0 / k) * (1.0 - 1.0 / k) / n)
+        if base <= chance:
+            raise ValueError(
+                f"Expected a model better than chance, but its clean accuracy on `data` is "
+                f"{base:.4f} <= 1/K + 3 SE = {chance:.4f} (K={k}, N={n}); there is no accuracy to "
+                "trade for noise."
+            )
+        for t in targets:
+            if not t < base:
+                raise ValueError(
+                    f"Expected argument `target_drop` to lie in (0, base accuracy = {base:.4f}), "
+                    f"but got {t!r}."
+                )
+        if clean.fast_reason:
+            logger.info("calibrate_nu: fast path off (%s); full noisy forwards.", clean.fast_reason)
+        d = draws or min(MAX_DRAWS, max(1, math.ceil(DRAW_BUDGET / n)))
+        total = n * d
+        resolution = 1.0 / total
+        tol_v = float(tol) if tol is not None else max(MIN_TOL, resolution / 2)
+        spec, guess = _noise_shape(clean.moments, keys, per_feature)
+        seed_v = seed if seed is not None else secrets.randbits(63)
+        evaluate = _Evaluator(model, source, clean, keys, spec, d, rows, seed_v, bar)
+        search = _Search(evaluate, total, clean.base_count * d, guess)
+        found: list[tuple[float, Stopped]] = []
+        try:
+            for t in targets:
+                found.append(search.solve((base - t) * total, tol_v * total))
+        except _NonFinite as err:
+            raise ValueError(f"Expected finite logits during calibration, but {err}.") from None
+        finally:
+            evaluate.close()
+    finally:
+        bar.close()
+    wall = time.perf_counter() - t_start
+    history = tuple((v, search.cache[v] / total) for v in search.order)
+    results = []
+    for t, (nu, stopped) in zip(targets, found, strict=True):
+        acc = search.cache[nu] / total
+        s = spec(nu)
+        results.append(
+            Calibration(
+                nu=nu,
+                sigma=_ReadOnly(s) if isinstance(s, dict) else s,
+                layers=tuple(keys),
+                noise=noise,
+                target_drop=t,
+                base_accuracy=base,
+                accuracy=acc,
+                drop=base - acc,
+                n_images=n,
+                draws=d,
+                resolution=resolution,
+                tol=tol_v,
+                stopped=stopped,
+                history=history,
+                fast_path=clean.features is not None,
+                model_evals=evaluate.model_evals,
+                head_evals=evaluate.head_evals,
+                clean_pass_equivalents=wall / clean.seconds if clean.seconds > 0 else math.nan,
+                wall_time_s=wall,
+                seed=seed,
+            )
+        )
+    return results
+
+
+def _noise_shape(
+    moments: dict[str, _Moments], keys: list[str], per_feature: bool
+) -> tuple[Callable[[float], float | dict[str, Tensor]], float]:
+    """The map ν → wrapper ``nu`` (a float, or Σ per layer) and the first candidate ν."""
+    if not per_feature:
+        pooled = [v for v in (moments[k].pooled_variance() for k in keys) if v > 0]
+        scale = math.exp(sum(map(math.log, pooled)) / len(pooled)) if pooled else 1.0
+        return (lambda nu: nu), GUESS_FACTOR * scale
+    variances = {k: moments[k].variance() for k in keys}
+    if not any(bool((v > 0).any()) for v in variances.values()):
+        raise ValueError(
+            f"Cannot use noise='feature-variance' at {keys}: every feature is constant over `data` "
+            "(variance 0), so the noise would be zero. Use noise='isotropic'."
+        )
+    return (lambda nu: {k: v * nu for k, v in variances.items()}), GUESS_FACTOR
