@@ -11,7 +11,9 @@ from randfeat.eval.attacks import Square
 def test_feature_defense_at_two_points_keeps_most_digits_under_square(digits, digits_model) -> None:  # type: ignore[no-untyped-def]
     x_cal, y_cal = digits.x_test[100:], digits.y_test[100:]  # calibration images, disjoint
     x, y = digits.x_test[:100], digits.y_test[:100]  # attacked images
-    cal = randfeat.calibrate_nu(digits_model, (x_cal, y_cal), ["head.pre"], target_drop=0.02, seed=0, progress=False)
+    cal = randfeat.calibrate_nu(
+        digits_model, (x_cal, y_cal), ["head.pre"], target_drop=0.02, seed=0, progress=False
+    )
     assert abs(cal.drop - 0.02) < 0.005
     defended = randfeat.wrap(digits_model, ["head.pre"], nu=cal.nu, seed=1)
     try:
