@@ -3,4 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# one torch thread per worker: two workers on two cores, no oversubscription
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 exec .venv/bin/python -m pytest -n "${RANDFEAT_TEST_WORKERS:-2}" "$@"
