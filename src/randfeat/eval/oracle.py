@@ -227,11 +227,21 @@ class Oracle:
         if x.shape[0] == 0:
             return torch.empty(0, device=x.device)
         counts = torch.bincount(idx, minlength=self.x0.shape[0]) * self.samples
-        if bool((self.success & (counts > 0)).any()):
-            raise RuntimeError("attack bug: queried a sample that has already succeeded")
-        if bool((self.queries + counts > self.budget).any()):
-            raise RuntimeError("attack bug: a query would exceed the per-sample budget")
-        if bool(((x < 0) | (x > 1)).any()):
+        # one host sync for the three contract checks; the message says which one failed
+        bad = torch.stack(
+            [
+                (self.success & (counts > 0)).any(),
+                (self.queries + counts > self.budget).any(),
+                x.min() < 0,
+            ]
+        )
+        bad[2] |= x.max() > 1
+        if bool(bad.any()):
+            which = bad.tolist()
+            if which[0]:
+                raise RuntimeError("attack bug: queried a sample that has already succeeded")
+            if which[1]:
+                raise RuntimeError("attack bug: a query would exceed the per-sample budget")
             raise RuntimeError("attack bug: queried a point outside [0, 1]")
         if self.samples == 1:
             out = self._raw(x)
@@ -247,11 +257,13 @@ class Oracle:
         return out
 
     def _check_success(self, x: Tensor, idx: Tensor, pred: Tensor) -> None:
-        inside = distance(x, self.x0[idx], self.norm) <= self.eps
-        cand = (pred != self.y[idx]) & inside & ~self.success[idx]
-        if not bool(cand.any()):
+        wrong = (pred != self.y[idx]) & ~self.success[idx]
+        if not bool(wrong.any()):
             return
-        rows = cand.nonzero().squeeze(1)
+        rows = wrong.nonzero().squeeze(1)  # the ball is checked on misclassified rows only
+        rows = rows[distance(x[rows], self.x0[idx[rows]], self.norm) <= self.eps]
+        if rows.numel() == 0:
+            return
         # keep the first candidate row of each sample
         first = torch.full((self.x0.shape[0],), x.shape[0], dtype=torch.long, device=x.device)
         first.scatter_reduce_(0, idx[rows], rows, reduce="amin")

@@ -74,8 +74,10 @@ def project(x: Tensor, x0: Tensor, eps: float, norm: Norm) -> Tensor:
     delta = x.double() - x0d
     norm0 = delta.flatten(1).norm(dim=1)
     shape = (-1,) + (1,) * (x.ndim - 1)
-    shrink = torch.zeros_like(norm0)
     step = 4 * torch.finfo(x.dtype).eps
+    shrink = torch.full_like(
+        norm0, step
+    )  # pre-shrunk by a few ulps: one pass is almost always enough
     out = x
     for _ in range(40):
         factor = (eps / norm0.clamp_min(1e-300) * (1 - shrink)).clamp(max=1.0)
@@ -83,9 +85,7 @@ def project(x: Tensor, x0: Tensor, eps: float, norm: Norm) -> Tensor:
         over = distance(out, x0, "l2") > eps
         if not bool(over.any()):
             return out
-        shrink = torch.where(
-            over, torch.where(shrink == 0, torch.full_like(shrink, step), 2 * shrink), shrink
-        )
+        shrink = torch.where(over, 2 * shrink, shrink)
     return torch.where(over.view(shape), x0, out)  # unreachable in practice: fall back to x0
 
 

@@ -9,6 +9,7 @@ placement vectorised over the batch; see :class:`Square` for every deviation.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -115,6 +116,13 @@ def meta_pseudo_gaussian(s: int, transpose: bool, dtype: torch.dtype = torch.flo
     bump = torch.cat([top, bottom])
     bump = bump / bump.square().sum().sqrt()
     return (bump.T if transpose else bump).to(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _bump_pair(s: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The ℓ2 update's bump and its transpose, ``[2, s, s]`` (read-only: shared between calls)."""
+    bump = meta_pseudo_gaussian(s, False, dtype).to(device)
+    return torch.stack([bump, bump.T])
 
 
 def _window_masks(top: Tensor, left: Tensor, s: int, h: int, w: int) -> Tensor:
@@ -364,8 +372,7 @@ class Square(Attack):
         win12 = win1 | _window_masks(top2, left2, s, h, w).unsqueeze(1)
 
         # The bump placed in window 1 of each sample: gather by local window coordinates.
-        bump = meta_pseudo_gaussian(s, False, wd).to(x0.device)
-        bumps = torch.stack([bump, bump.T])  # [2, s, s]
+        bumps = _bump_pair(s, wd, x0.device)  # [2, s, s], cached: s changes rarely
         flip = torch.randint(0, 2, (n,), generator=gen, device=gen.device).to(x0.device)
         li = (torch.arange(h, device=x0.device).view(1, h) - top.view(-1, 1)).clamp(0, s - 1)
         lj = (torch.arange(w, device=x0.device).view(1, w) - left.view(-1, 1)).clamp(0, s - 1)
