@@ -17,7 +17,7 @@ from torch import nn
 
 from randfeat import cli
 from randfeat.cli import PRESETS, build_parser, main
-from randfeat.eval.runner import load_results
+from randfeat.eval.results import load_results
 
 TINY = ["--n-images", "10", "--batch-size", "10", "--defenses", "base", "--attacks", "square-linf",
         "--budgets", "5", "--votes", "1"]  # fmt: skip

@@ -37,6 +37,10 @@ itemsize``: 16 MB for 2,000 ResNet-50 images) and each candidate runs only the h
 ``features + √ν·σ⊙ε``. Calibration then costs about one clean pass. Any other choice of layers
 (``"input"``, mid-network layers, several layers) runs full noisy forwards through a
 :class:`~randfeat.wrapper.RandomizedFeatureWrapper`.
+
+This module holds the public API and the search; the passes over the data (batching, the clean pass
+with its feature moments and fast-path check, the evaluation of one candidate ν) are in
+:mod:`randfeat._calibration_data`.
 """
 
 from __future__ import annotations
@@ -53,8 +57,15 @@ from typing import Any, Literal, TypedDict, overload
 import torch
 from torch import Tensor, nn
 
+from randfeat._calibration_data import (
+    _clean_pass,
+    _Evaluator,
+    _model_device_dtype,
+    _Moments,
+    _NonFinite,
+    _Source,
+)
 from randfeat.layers import HookPoint, resolve_layers
-from randfeat.noise import add_noise, check_feature, sigma_for
 from randfeat.wrapper import NuSpec, RandomizedFeatureWrapper
 
 __all__ = ["Calibration", "calibrate_nu"]
@@ -84,8 +95,6 @@ NARROW = 1e-3
 """Stop bisecting when ``hi / lo - 1`` falls below this."""
 DEFAULT_ROWS = 256
 """Default rows (images or noisy copies) per model forward."""
-HEAD_ELEMENTS = 1 << 24
-"""Fast path: rows per head call are ``max(batch_size, HEAD_ELEMENTS // prod(F))`` (64 MB float32)."""
 CHANCE_SE = 3.0
 """A model is "at chance" when its accuracy is at most ``1/K + 3·√((1/K)(1-1/K)/N)``: a guessing
 classifier exceeds that on N images with probability ≈ 0.1%."""
@@ -237,187 +246,6 @@ def _check_args(
     _check_positive_int(batch_size, "batch_size")
 
 
-def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype | None]:
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device, (t.dtype if t.is_floating_point() else None)
-    return torch.device("cpu"), None
-
-
-# ---------------------------------------------------------------------------- data
-class _Source:
-    """``data`` as ``(x, y)`` batches of at most ``rows`` images on the model's device.
-
-    A tensor pair is sliced; an iterable (a DataLoader) is iterated once per pass, and later passes
-    must yield the same labels in the same order (checked: a shuffled loader would break common
-    random numbers); a one-shot iterator is kept in memory on the first pass and replayed.
-    """
-
-    def __init__(self, data: object, rows: int, device: torch.device, dtype: torch.dtype | None):
-        self.rows, self.device, self.dtype = rows, device, dtype
-        self.pair: tuple[Tensor, Tensor] | None = None
-        self.iterable: Iterable[Any] | None = None
-        self.replay: list[Any] | None = None
-        self.labels: list[Tensor] = []  # first-pass labels per batch, to check later passes
-        self.passes = 0
-        if (
-            isinstance(data, (tuple, list))
-            and len(data) == 2
-            and all(isinstance(t, Tensor) for t in data)
-        ):
-            x, y = data
-            _check_batch(x, y)
-            self.pair = (x, y)
-        elif isinstance(data, Tensor) or not isinstance(data, Iterable):
-            raise TypeError(
-                "Expected argument `data` to be an (x, y) pair of tensors or an iterable of (x, y) "
-                f"batches (e.g. a DataLoader), but got {type(data).__name__}."
-            )
-        else:
-            self.iterable = data
-            if isinstance(data, Iterator):
-                self.replay = []
-
-    def _raw(self) -> Iterator[tuple[Tensor, Tensor]]:
-        if self.pair is not None:
-            x, y = self.pair
-            yield from zip(x.split(self.rows), y.split(self.rows), strict=True)
-            return
-        if self.replay is not None and self.passes > 1:
-            yield from self.replay
-            return
-        for item in self.iterable or ():
-            if not (isinstance(item, (tuple, list)) and len(item) >= 2):
-                raise TypeError(
-                    "Expected argument `data` to yield (x, y) batches, but got an item of type "
-                    f"{type(item).__name__}."
-                )
-            x, y = item[0], item[1]
-            _check_batch(x, y)
-            if self.replay is not None:
-                self.replay.append((x, y))
-            yield from zip(x.split(self.rows), y.split(self.rows), strict=True)
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        self.passes += 1
-        first = self.passes == 1
-        check = self.iterable is not None and self.replay is None  # a re-iterated loader
-        i = -1
-        for i, (x, y) in enumerate(self._raw()):
-            x = x.to(self.device, self.dtype if self.dtype and x.is_floating_point() else None)
-            y = y.to(self.device)
-            if check and first:
-                self.labels.append(y)
-            elif check and (i >= len(self.labels) or not torch.equal(y, self.labels[i])):
-                raise ValueError(
-                    "Expected argument `data` to yield the same batches in the same order on every "
-                    "pass, but the labels changed between passes (a shuffled DataLoader?). Use "
-                    "shuffle=False, or pass an (x, y) pair of tensors."
-                )
-            yield x, y
-        if check and not first and i + 1 != len(self.labels):
-            raise ValueError(
-                "Expected argument `data` to yield the same batches on every pass, but it yielded "
-                f"{i + 1} batches after {len(self.labels)} on the first pass."
-            )
-
-
-def _check_batch(x: object, y: object) -> None:
-    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-        raise TypeError(
-            "Expected argument `data` to hold tensors (x, y), but got "
-            f"({type(x).__name__}, {type(y).__name__})."
-        )
-    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
-        raise TypeError(
-            f"Expected the labels y in argument `data` to be an integer tensor, but got dtype {y.dtype}."
-        )
-    if y.ndim != 1 or x.ndim < 1 or x.shape[0] != y.shape[0]:
-        raise ValueError(
-            "Expected argument `data` to pair x [N, ...] with labels y [N], but got x of shape "
-            f"{tuple(x.shape)} and y of shape {tuple(y.shape)}."
-        )
-
-
-# ---------------------------------------------------------------------------- clean-pass capture
-class _Moments:
-    """Per-layer moments: pooled scalar ones, and per-feature mean/M2 (Chan's merge) on request."""
-
-    def __init__(self, key: str, per_feature: bool) -> None:
-        self.key, self.per_feature = key, per_feature
-        self.s1: Tensor | float = 0.0
-        self.s2: Tensor | float = 0.0
-        self.count = 0
-        self.n = 0
-        self.mean: Tensor | None = None
-        self.m2: Tensor | None = None
-        self.fired = False
-
-    def add(self, feature: object) -> None:
-        f = check_feature(feature, self.key).detach().float()
-        self.fired = True
-        if f.numel() == 0:
-            return
-        self.s1 = self.s1 + f.sum(dtype=torch.float64)
-        self.s2 = self.s2 + f.square().sum(dtype=torch.float64)
-        self.count += f.numel()
-        if not self.per_feature:
-            return
-        b = f.shape[0]
-        mean_b = f.mean(0)
-        m2_b = (f - mean_b).square().sum(0).double()
-        mean_b = mean_b.double()
-        if self.mean is None or self.m2 is None:
-            self.n, self.mean, self.m2 = b, mean_b, m2_b
-            return
-        if self.mean.shape != mean_b.shape:
-            raise ValueError(
-                f"Feature-variance noise needs a fixed feature shape at {self.key!r}, but it changed "
-                f"from {list(self.mean.shape)} to {list(mean_b.shape)} between batches."
-            )
-        n = self.n + b
-        delta = mean_b - self.mean
-        self.mean = self.mean + delta * (b / n)
-        self.m2 = self.m2 + m2_b + delta.square() * (self.n * b / n)
-        self.n = n
-
-    def pooled_variance(self) -> float:
-        if self.count == 0:
-            return 0.0
-        mean = float(self.s1) / self.count
-        return max(float(self.s2) / self.count - mean * mean, 0.0)
-
-    def variance(self) -> Tensor:
-        """Per-feature population variance ``[*F]`` (float32, CPU)."""
-        if self.m2 is None or self.n == 0:
-            raise ValueError(f"No features were captured at {self.key!r}.")
-        return (self.m2 / self.n).clamp_min(0).float().cpu()
-
-
-class _HeadCheck:
-    """Forward hook on the candidate head: one call per forward, one positional input, its output."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-        self.args: tuple[Any, ...] = ()
-        self.kwargs: dict[str, Any] = {}
-        self.output: object = None
-
-    def __call__(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
-        self.calls += 1
-        self.args, self.kwargs, self.output = tuple(args), dict(kwargs), output
-
-    def verdict(self, logits: Tensor) -> tuple[Tensor | None, str]:
-        """The head's input if this batch allows the fast path, else the reason why not."""
-        if self.calls != 1:
-            return None, f"the head ran {self.calls} times in one forward"
-        if len(self.args) != 1 or self.kwargs or not isinstance(self.args[0], Tensor):
-            return None, "the head was not called with exactly one tensor argument"
-        out = self.output
-        if not isinstance(out, Tensor) or (out is not logits and not torch.equal(out, logits)):
-            return None, "the head's output is not the model's output"
-        return self.args[0], ""
-
-
 # ---------------------------------------------------------------------------- the search
 class _Search:
     """Candidate ν → correct-draw count, cached and shared by every target (counts are integers)."""
@@ -487,10 +315,6 @@ class _Search:
                     return best, "resolution"
                 self.count(math.sqrt(lo * hi))
         raise RuntimeError("calibrate_nu: the search did not terminate (please report this).")
-
-
-class _NonFinite(ValueError):
-    pass
 
 
 # ---------------------------------------------------------------------------- progress
@@ -618,198 +442,6 @@ def calibrate_nu(
             model, data, points, targets, seed, tol, progress, draws, noise, batch_size
         )
     return results if many else results[0]
-
-
-@dataclass
-class _Clean:
-    """What the clean pass measured."""
-
-    n: int
-    k: int
-    base_count: int
-    moments: dict[str, _Moments]
-    features: Tensor | None  # [N, *F] head inputs (fast path only)
-    labels: Tensor | None  # [N]
-    fast_reason: str  # "" when the fast path is valid
-    head_evals: int
-    seconds: float
-
-
-def _clean_pass(
-    model: nn.Module, source: _Source, points: list[HookPoint], per_feature: bool, bar: Any
-) -> _Clean:
-    """One pass with noise off: accuracy, feature moments, and the verified head-input cache."""
-    t0 = time.perf_counter()
-    keys = [p.key for p in points]
-    moments = {k: _Moments(k, per_feature) for k in keys}
-    only = points[0] if len(points) == 1 else None
-    head = (
-        only.module if only is not None and only.where == "input" and only.key != "input" else None
-    )
-    reason = "" if head is not None else "the noise is not at the input of the output module"
-    check = _HeadCheck()
-    handles = []
-    feats: list[Tensor] = []
-    labels: list[Tensor] = []
-    outs: list[Tensor] = []
-    n, k, correct = 0, 0, torch.zeros((), dtype=torch.int64, device=source.device)
-    try:
-        for p in points:
-            if p.key == "input":
-                continue
-            m = moments[p.key]
-            if p.where == "input":
-                hook = p.module.register_forward_pre_hook(lambda _, a, m=m: m.add(a[0] if a else a))
-            else:
-                hook = p.module.register_forward_hook(lambda _, a, o, m=m: m.add(o))
-            handles.append(hook)
-        if head is not None:
-            handles.append(head.register_forward_hook(check, with_kwargs=True))
-        for x, y in source:
-            check.calls = 0
-            for mo in moments.values():
-                mo.fired = False
-            if "input" in moments:
-                moments["input"].add(x)
-            logits = model(x)
-            k = _check_logits(logits, x, y, n)
-            missing = [key for key, mo in moments.items() if not mo.fired]
-            if missing:
-                raise ValueError(
-                    f"Layer(s) {missing} were never reached in the model's forward; choose layers "
-                    "that the forward pass actually calls."
-                )
-            correct += (logits.argmax(1) == y).sum()
-            n += x.shape[0]
-            if head is not None and not reason:
-                feature, reason = check.verdict(logits)
-                if feature is not None:
-                    feats.append(feature)
-                    labels.append(y)
-                    outs.append(logits)
-                else:
-                    feats, labels, outs = [], [], []
-            bar.update()
-    finally:
-        for h in handles:
-            h.remove()
-    base_count = int(correct)
-    seconds = time.perf_counter() - t0
-    head_evals = 0
-    if head is not None and not reason:  # the head must be a pure function of its input
-        for f, out in zip(feats, outs, strict=True):
-            head_evals += f.shape[0]
-            if not torch.equal(head(f), out):
-                reason = "re-running the head on its input does not reproduce the output"
-                break
-    fast = head is not None and not reason and n > 0
-    return _Clean(
-        n=n,
-        k=k,
-        base_count=base_count,
-        moments=moments,
-        features=torch.cat(feats) if fast else None,
-        labels=torch.cat(labels) if fast else None,
-        fast_reason=reason,
-        head_evals=head_evals,
-        seconds=seconds,
-    )
-
-
-def _check_logits(logits: object, x: Tensor, y: Tensor, start: int) -> int:
-    """Validate one batch of clean logits ``[B, K]`` and its labels; return K."""
-    if not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[0] != x.shape[0]:
-        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-        raise ValueError(
-            f"Expected argument `model` to return logits [N, K], but got {shape} for a batch of "
-            f"{x.shape[0]}."
-        )
-    if not bool(torch.isfinite(logits).all()):
-        raise ValueError(
-            "Expected argument `model` to return finite logits, but got NaN/inf on clean data "
-            f"(images {start}..{start + x.shape[0] - 1})."
-        )
-    k = logits.shape[1]
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= k):
-        raise ValueError(
-            f"Expected the labels in argument `data` to lie in [0, {k}) (the model has K={k} "
-            f"classes), but got values in [{int(y.min())}, {int(y.max())}]."
-        )
-    return k
-
-
-class _Evaluator:
-    """Correct-draw count at ν under common random numbers (the stream restarts at ``seed``)."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        source: _Source,
-        clean: _Clean,
-        keys: list[str],
-        spec: Callable[[float], float | dict[str, Tensor]],
-        draws: int,
-        rows: int,
-        seed: int,
-        bar: Any,
-    ) -> None:
-        self.source, self.clean, self.keys, self.spec = source, clean, keys, spec
-        self.draws, self.seed, self.bar = draws, seed, bar
-        self.model_evals, self.head_evals = clean.n, clean.head_evals
-        self.wrapper: RandomizedFeatureWrapper | None = None
-        self.head: nn.Module | None = None
-        if clean.features is not None:
-            self.head = resolve_layers(model, keys)[0].module
-            per_row = max(1, clean.features[0].numel())
-            self.images = max(1, max(rows, HEAD_ELEMENTS // per_row) // draws)
-            self.gen = torch.Generator(device=clean.features.device)
-        else:
-            self.wrapper = RandomizedFeatureWrapper(model, keys, nu=0.0, seed=seed)
-            self.images = max(1, rows // draws)
-
-    def close(self) -> None:
-        if self.wrapper is not None:
-            self.wrapper.unwrap()
-
-    def _batches(self) -> Iterator[tuple[Callable[[Tensor], Any], Tensor, Tensor]]:
-        if self.head is not None and self.clean.features is not None:
-            head, feats, labels = self.head, self.clean.features, self.clean.labels
-            if labels is None:
-                raise RuntimeError("calibrate_nu: fast path without labels (please report this).")
-            for f, y in zip(feats.split(self.images), labels.split(self.images), strict=True):
-                yield head, f, y
-            self.head_evals += self.clean.n * self.draws
-        elif self.wrapper is not None:
-            for x, y in self.source:
-                for xc, yc in zip(x.split(self.images), y.split(self.images), strict=True):
-                    yield self.wrapper, xc, yc
-                self.bar.update()
-            self.model_evals += self.clean.n * self.draws
-
-    def __call__(self, nu: float) -> int:
-        self.bar.set_description(f"calibrate ν={nu:.3g}")
-        s = self.spec(nu)
-        sigma: float | Tensor = 0.0
-        if self.wrapper is not None:
-            self.wrapper.nu = s
-            self.wrapper.manual_seed(self.seed)
-        elif self.clean.features is not None:
-            self.gen.manual_seed(self.seed)
-            one = s[self.keys[0]] if isinstance(s, dict) else s
-            sigma = sigma_for(one, self.clean.features, self.keys[0])
-        device = self.source.device
-        hits = torch.zeros((), dtype=torch.int64, device=device)
-        bad = torch.zeros((), dtype=torch.bool, device=device)
-        for fn, z, y in self._batches():
-            z = z.repeat_interleave(self.draws, 0)
-            out = fn(z) if self.wrapper is not None else fn(add_noise(z, sigma, self.gen))
-            bad |= ~torch.isfinite(out).all()
-            hits += (out.argmax(1) == y.repeat_interleave(self.draws)).sum()
-        if self.wrapper is None:
-            self.bar.update()
-        if bool(bad):
-            raise _NonFinite(f"the model returned NaN/inf logits under noise ν={nu:.3g}")
-        return int(hits)
 
 
 def _calibrate(

@@ -3,7 +3,7 @@
 Subcommands:
 
 * ``randfeat eval``: the evaluation grid of the paper (Nguyen et al., ICLR 2024, §5) on a model and a
-  data set, written to a resumable JSON Lines file (:mod:`randfeat.eval.runner` documents the
+  data set, written to a resumable JSON Lines file (:mod:`randfeat.eval.results` documents the
   format). Runs alone or under ``torchrun --nproc-per-node N -m randfeat eval ...``.
 * ``randfeat report``: the paper-style table (Markdown, CSV) and robustness curves of result files
   (:mod:`randfeat.eval.report`).

@@ -18,15 +18,9 @@ from hypothesis import strategies as st
 
 from randfeat.cli import main
 from randfeat.eval import report
-from randfeat.eval.report import (
-    ReportError,
-    load_results,
-    robust_curve,
-    summarize,
-    to_csv,
-    to_markdown,
-)
-from randfeat.eval.runner import FORMAT, FORMAT_VERSION, RESULT_SCHEMA
+from randfeat.eval.plot import robust_curve
+from randfeat.eval.report import ReportError, load_results, summarize, to_csv, to_markdown
+from randfeat.eval.results import FORMAT, FORMAT_VERSION, RESULT_SCHEMA
 
 IMAGES = [11, 22, 33, 44, 55]
 

@@ -28,21 +28,12 @@ from torch import nn
 
 import randfeat
 from randfeat.cli import main
-from randfeat.eval import runner
+from randfeat.eval import results, runner
 from randfeat.eval.attacks.base import Attack
 from randfeat.eval.attacks.eot import EOT
+from randfeat.eval.config import ATTACKS, ConfigError, EvalConfig, derive_seed, make_attack
 from randfeat.eval.data import digits
-from randfeat.eval.runner import (
-    ATTACKS,
-    RESULT_SCHEMA,
-    TIMING_FIELDS,
-    ConfigError,
-    EvalConfig,
-    config_differences,
-    derive_seed,
-    load_results,
-    make_attack,
-)
+from randfeat.eval.results import RESULT_SCHEMA, TIMING_FIELDS, config_differences, load_results
 from randfeat.wrapper import RandomizedFeatureWrapper
 
 # The shared grid: 3 defenses x (1 clean + 2 attacks x 2 budgets) x 5 chunks = 75 units, 300 rows.
@@ -341,10 +332,10 @@ def test_any_truncation_keeps_exactly_the_complete_units(reference: Path, cut: f
     at = header_end + int(cut * (len(data) - header_end))
     path = reference.parent / "cut.jsonl"
     path.write_bytes(data[:at])
-    records, damaged = runner._read_records(path)
+    records, damaged = results._read_records(path)
     header, rows = records[0], records[1:]
     assert damaged == (at > header_end and data[at - 1 : at] != b"\n")
-    done, kept = runner._complete_units(header, 4, rows)
+    done, kept = results._complete_units(header, 4, rows)
     _, full = load_results(reference)
     assert kept == full[: len(kept)]  # units are written whole, so kept rows form a prefix
     assert len(kept) == 4 * len(done)  # chunks of 4 images
