@@ -19,4 +19,7 @@ echo "[setup] installing torch and randfeat[dev] into $VENV (first time: a few m
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
 "$VENV/bin/python" -m pip install -q -e ".[dev]"
+# torchattacks (white-box tests, attack benchmarks) pins requests~=2.25.1 but never imports requests;
+# its real dependencies (torch, torchvision, scipy, tqdm, numpy) are installed above.
+"$VENV/bin/python" -m pip install -q --no-deps "torchattacks==3.5.1"
 touch "$STAMP"

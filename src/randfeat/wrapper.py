@@ -108,6 +108,7 @@ class RandomizedFeatureWrapper(nn.Module):
         points = resolve_layers(model, layers)  # raises before anything is attached
         self.model = model
         self._points: list[HookPoint] = points
+        self._has_input = any(p.key == "input" for p in points)
         self._rng = NoiseRNG(seed)
         self._depth = 0
         self._noise_on = True
@@ -191,7 +192,7 @@ class RandomizedFeatureWrapper(nn.Module):
         self._fired = set()
         self._depth += 1
         try:
-            if self._points and any(p.key == "input" for p in self._points):
+            if self._has_input:
                 self._fired.add("input")
                 x = check_feature(x, "input")
                 if self._noise_on:
