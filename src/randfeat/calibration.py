@@ -38,8 +38,10 @@ itemsize``: 16 MB for 2,000 ResNet-50 images) and each candidate runs only the h
 (``"input"``, mid-network layers, several layers) runs full noisy forwards through a
 :class:`~randfeat.wrapper.RandomizedFeatureWrapper`.
 
-This module holds the public API and the search; the passes over the data (batching, the clean pass
-with its feature moments and fast-path check, the evaluation of one candidate ν) are in
+This module holds the public API; the argument checks, the search (``_Search``, with its constants
+``MAX_DECADES``, ``SATURATED_DECADES``, ``NARROW``, re-exported here) and the progress bar are in
+:mod:`randfeat._calibration_search`, and the passes over the data (batching, the clean pass with its
+feature moments and fast-path check, the evaluation of one candidate ν) are in
 :mod:`randfeat._calibration_data`.
 """
 
@@ -47,12 +49,11 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypedDict, overload
+from typing import Literal, TypedDict, overload
 
 import torch
 from torch import Tensor, nn
@@ -65,15 +66,19 @@ from randfeat._calibration_data import (
     _NonFinite,
     _Source,
 )
+from randfeat._calibration_search import MAX_DECADES as MAX_DECADES
+from randfeat._calibration_search import NARROW as NARROW
+from randfeat._calibration_search import SATURATED_DECADES as SATURATED_DECADES
+from randfeat._calibration_search import Stopped as Stopped
+from randfeat._calibration_search import _check_args, _check_targets, _progress, _Search
 from randfeat.layers import HookPoint, resolve_layers
-from randfeat.wrapper import NuSpec, RandomizedFeatureWrapper
+from randfeat.wrapper import NuSpec
 
 __all__ = ["Calibration", "calibrate_nu"]
 
 logger = logging.getLogger(__name__)
 
 NoiseShape = Literal["isotropic", "feature-variance"]
-Stopped = Literal["tol", "resolution"]
 Data = tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]]
 
 DRAW_BUDGET = 20_000
@@ -87,12 +92,6 @@ MIN_TOL = 1e-3
 and 10× finer than the smallest drop the paper uses; bisecting finer only fits noise."""
 GUESS_FACTOR = 0.1
 """First candidate: ν = 0.1 × feature variance (isotropic), ν = 0.1 (feature-variance)."""
-MAX_DECADES = 60
-"""The bracket search gives up after moving this many decades away from the first candidate."""
-SATURATED_DECADES = 4
-"""Stop stepping up (error) when this many ×10 steps leave the accuracy unchanged below the base."""
-NARROW = 1e-3
-"""Stop bisecting when ``hi / lo - 1`` falls below this."""
 DEFAULT_ROWS = 256
 """Default rows (images or noisy copies) per model forward."""
 CHANCE_SE = 3.0
@@ -189,154 +188,6 @@ class Calibration:
     def wrap_kwargs(self) -> WrapKwargs:
         """``{"layers": [...], "nu": ...}`` for ``randfeat.wrap(model, **c.wrap_kwargs())``."""
         return {"layers": list(self.layers), "nu": self.sigma}
-
-
-# ---------------------------------------------------------------------------- argument checks
-def _check_targets(target_drop: object) -> tuple[list[float], bool]:
-    many = isinstance(target_drop, Sequence) and not isinstance(target_drop, (str, bytes))
-    values = list(target_drop) if many else [target_drop]  # type: ignore[call-overload]
-    if not values:
-        raise ValueError("Expected argument `target_drop` to be a float or a non-empty sequence.")
-    out = []
-    for t in values:
-        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0 < float(t) < 1:
-            raise ValueError(
-                f"Expected argument `target_drop` to be an accuracy drop in (0, 1) (0.02 = two "
-                f"points), or a sequence of them, but got {t!r}."
-            )
-        out.append(float(t))
-    return out, many
-
-
-def _check_positive_int(value: object, name: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(
-            f"Expected argument `{name}` to be None or an int >= 1, but got {value!r}."
-        )
-    return value
-
-
-def _check_args(
-    model: object, noise: object, seed: object, tol: object, draws: object, batch_size: object
-) -> None:
-    if isinstance(model, RandomizedFeatureWrapper):
-        raise TypeError(
-            "Expected argument `model` to be the undefended model, but got a "
-            "RandomizedFeatureWrapper. Pass `wrapper.model` (or `wrapper.unwrap()`)."
-        )
-    if not isinstance(model, nn.Module):
-        raise TypeError(
-            f"Expected argument `model` to be an nn.Module, but got {type(model).__name__}."
-        )
-    if noise not in ("isotropic", "feature-variance"):
-        raise ValueError(
-            f"Expected argument `noise` to be 'isotropic' or 'feature-variance', but got {noise!r}."
-        )
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"Expected argument `seed` to be None or an int, but got {seed!r}.")
-    if tol is not None and (
-        isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1
-    ):
-        raise ValueError(
-            f"Expected argument `tol` to be None or a float in (0, 1), but got {tol!r}."
-        )
-    _check_positive_int(draws, "draws")
-    _check_positive_int(batch_size, "batch_size")
-
-
-# ---------------------------------------------------------------------------- the search
-class _Search:
-    """Candidate ν → correct-draw count, cached and shared by every target (counts are integers)."""
-
-    def __init__(
-        self, evaluate: Callable[[float], int], total: int, base_count: int, guess: float
-    ) -> None:
-        self.evaluate, self.total, self.base_count, self.guess = evaluate, total, base_count, guess
-        self.cache: dict[float, int] = {}
-        self.order: list[float] = []
-
-    def count(self, nu: float) -> int:
-        if nu not in self.cache:
-            self.cache[nu] = self.evaluate(nu)
-            self.order.append(nu)
-            logger.info("calibrate_nu: ν=%.6g accuracy=%.5f", nu, self.cache[nu] / self.total)
-        return self.cache[nu]
-
-    def _bounds(self, need: float) -> tuple[float | None, float | None]:
-        """hi: the smallest ν below ``need``; lo: the largest ν < hi at or above ``need``."""
-        below = [v for v, c in self.cache.items() if c < need]
-        hi = min(below) if below else None
-        above = [v for v, c in self.cache.items() if c >= need and (hi is None or v < hi)]
-        return (max(above) if above else None), hi
-
-    def _unreachable(self, need: float, why: str) -> ValueError:
-        floor = min(self.cache.values()) / self.total
-        return ValueError(
-            f"Cannot reach accuracy {need / self.total:.5f} with this noise: {why} (lowest "
-            f"accuracy seen {floor:.5f}, base accuracy {self.base_count / self.total:.5f}). "
-            "Choose a smaller `target_drop`, or other `layers`."
-        )
-
-    def solve(self, need: float, tol_count: float) -> tuple[float, Stopped]:
-        """The best ν for ``need`` correct draws, and why the search stopped."""
-        if not self.cache:
-            self.count(self.guess)
-        for _ in range(4 * MAX_DECADES):
-            lo, hi = self._bounds(need)
-            if hi is None:
-                top = sorted(self.cache)[-SATURATED_DECADES:]
-                counts = {self.cache[v] for v in top}
-                if (
-                    len(top) == SATURATED_DECADES
-                    and top[-1] >= top[0] * 10 ** (SATURATED_DECADES - 1.5)
-                    and len(counts) == 1
-                    and self.base_count not in counts
-                ):
-                    raise self._unreachable(need, f"accuracy levels off for ν >= {top[0]:.3g}")
-                nu = max(self.cache) * 10.0
-                if nu > self.guess * 10.0**MAX_DECADES:
-                    raise self._unreachable(need, f"no ν up to {nu / 10:.3g} is noisy enough")
-                try:
-                    self.count(nu)
-                except _NonFinite as err:
-                    raise self._unreachable(need, f"ν={nu:.3g} overflows ({err})") from None
-            elif lo is None:
-                nu = min(self.cache) / 10.0
-                if nu < self.guess / 10.0**MAX_DECADES:
-                    raise self._unreachable(need, f"even ν={nu * 10:.3g} costs too much accuracy")
-                self.count(nu)
-            else:
-                best = min(self.cache, key=lambda v: (abs(self.cache[v] - need), v))
-                if abs(self.cache[best] - need) <= tol_count:
-                    return best, "tol"
-                if hi / lo - 1.0 < NARROW or self.cache[lo] - self.cache[hi] <= 1:
-                    return best, "resolution"
-                self.count(math.sqrt(lo * hi))
-        raise RuntimeError("calibrate_nu: the search did not terminate (please report this).")
-
-
-# ---------------------------------------------------------------------------- progress
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_description(self, desc: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress(enabled: bool) -> Any:
-    if not enabled:
-        return _NoBar()
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # optional dependency
-        return _NoBar()
-    return tqdm(desc="calibrate ν: clean pass", unit="batch", disable=None, leave=False)
 
 
 # ---------------------------------------------------------------------------- calibrate_nu

@@ -1,0 +1,123 @@
+"""Markdown and CSV renderings of a :class:`~randfeat.eval.report.Table`.
+
+The tables follow Tables 1–2 and 5 of Nguyen et al., "Understanding the Robustness of Randomized
+Feature Defense Against Query-Based Adversarial Attacks" (ICLR 2024); :mod:`randfeat.eval.report`
+builds them from a result file (:func:`~randfeat.eval.report.summarize`) and re-exports
+:func:`to_markdown` and :func:`to_csv`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # report.py imports this module at load time; the types are for annotations only
+    from randfeat.eval.report import Column, Table, TableRow
+
+__all__ = ["to_csv", "to_markdown"]
+
+
+def _fmt(x: float | None, spec: str, scale: float = 1.0) -> str:
+    return "–" if x is None or not math.isfinite(x) else format(scale * x, spec)
+
+
+def _nu(x: float | None) -> str:
+    return "–" if x is None else f"{x:.3g}"
+
+
+def _cell_text(table: Table, row: TableRow, col: Column) -> str:
+    cell = row.cells.get((col.attack, col.budget))
+    if cell is None:
+        return "–"
+    mark = "*" if cell.n != row.n_attacked else ""
+    return f"{100 * cell.verified:.1f} / {100 * cell.fresh:.1f}{mark}"
+
+
+def to_markdown(table: Table) -> str:
+    """The table as GitHub Markdown (columns padded for a terminal), with its legend."""
+    head = ["Model", "Defense", "ν", "Acc", "Drop", "Clean", *(c.label for c in table.columns)]
+    body = []
+    last_model = None
+    for r in table.rows:
+        body.append(
+            [
+                r.model if r.model != last_model else "",
+                r.label,
+                _nu(r.nu),
+                _fmt(r.accuracy, ".2f", 100),
+                _fmt(r.drop, ".2f", 100),
+                _fmt(r.clean, ".1f", 100),
+                *(_cell_text(table, r, c) for c in table.columns),
+            ]
+        )
+        last_model = r.model
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
+    left = 2  # Model and Defense are text; the rest are numbers
+
+    def line(cells: Sequence[str]) -> str:
+        return (
+            "| "
+            + " | ".join(
+                c.ljust(w) if i < left else c.rjust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            )
+            + " |"
+        )
+
+    rule = (
+        "|"
+        + "|".join("-" * (w + 2) if i < left else "-" * (w + 1) + ":" for i, w in enumerate(widths))
+        + "|"
+    )
+    out = [f"## {table.title}", "", table.setting, "", line(head), rule]
+    out += [line(b) for b in body]
+    out += ["", *table.legend]
+    return "\n".join(out) + "\n"
+
+
+def to_csv(table: Table) -> str:
+    """The table as CSV: one line per row, percentages as numbers, each cell as two columns."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    fixed = ["model", "defense", "label", "nu", "target_drop_pct", "accuracy_pct", "drop_pct"]
+    w.writerow(
+        [
+            *fixed,
+            "clean_pct",
+            "n_clean",
+            *(f"{c.label} {kind}" for c in table.columns for kind in ("verified", "fresh", "n")),
+        ]
+    )
+
+    def num(x: float | None, scale: float = 100.0) -> str:
+        if x is None:
+            return ""
+        return f"{x:.6g}" if scale == 1.0 else f"{scale * x:.2f}"
+
+    for r in table.rows:
+        cells: list[str] = []
+        for c in table.columns:
+            cell = r.cells.get((c.attack, c.budget))
+            cells += (
+                ["", "", "0"]
+                if cell is None
+                else [num(cell.verified), num(cell.fresh), str(cell.n)]
+            )
+        w.writerow(
+            [
+                r.model,
+                r.defense,
+                r.label,
+                num(r.nu, 1.0),
+                num(r.target_drop),
+                num(r.accuracy),
+                num(r.drop),
+                num(r.clean),
+                r.n_clean,
+                *cells,
+            ]
+        )
+    return buf.getvalue()
