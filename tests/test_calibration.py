@@ -209,14 +209,16 @@ def test_input_and_several_layers_fall_back_to_full_forwards(
         c = calibrate_nu(digits_model, (x, y), layers, 0.04, seed=0, draws=2, progress=False)
         assert isinstance(c, Calibration)
         assert not c.fast_path and c.layers == tuple(layers)
-        assert isinstance(c.sigma, float) and c.sigma == c.nu  # one shared ν for every layer
+        assert (
+            isinstance(c.covariance, float) and c.covariance == c.nu
+        )  # one shared ν for every layer
         assert c.model_evals == 200 + len(c.history) * 200 * 2
         defended = randfeat.wrap(digits_model, layers=c.layers, nu=c.nu_for_wrap, seed=0)
         assert defended.nu == c.nu
         defended.unwrap()
 
 
-def test_feature_variance_sigma_is_nu_times_the_per_feature_variance(
+def test_feature_variance_covariance_is_nu_times_the_per_feature_variance(
     digits: Digits, digits_model: DigitsCNN
 ) -> None:
     x, y = digits.x_test, digits.y_test
@@ -224,16 +226,16 @@ def test_feature_variance_sigma_is_nu_times_the_per_feature_variance(
         digits_model, (x, y), "head.pre", 0.02, seed=0, noise="feature-variance", progress=False
     )
     assert isinstance(c, Calibration) and c.fast_path and c.noise == "feature-variance"
-    assert isinstance(c.sigma, type(c.nu_for_wrap)) and not isinstance(c.sigma, float)
-    sigma = c.sigma["head.pre"]
+    assert isinstance(c.covariance, type(c.nu_for_wrap)) and not isinstance(c.covariance, float)
+    sigma = c.covariance["head.pre"]
     with torch.no_grad():
         var = _features(digits_model, x).var(0, unbiased=False)
     assert sigma.shape == (128,)
     torch.testing.assert_close(sigma, c.nu * var, rtol=1e-4, atol=1e-6)
     with pytest.raises(TypeError):
-        c.sigma["head.pre"] = sigma  # type: ignore[index]  # read-only
+        c.covariance["head.pre"] = sigma  # type: ignore[index]  # read-only
     copy = pickle.loads(pickle.dumps(c))  # results can be saved
-    assert copy.nu == c.nu and torch.equal(copy.sigma["head.pre"], sigma)
+    assert copy.nu == c.nu and torch.equal(copy.covariance["head.pre"], sigma)
     defended = randfeat.wrap(digits_model, **c.wrap_kwargs())
     assert defended(x).shape == (540, 10)
     defended.unwrap()
@@ -242,7 +244,11 @@ def test_feature_variance_sigma_is_nu_times_the_per_feature_variance(
         digits_model, (x[:100], y[:100]), ["conv2"], 0.05, seed=0, draws=1,
         noise="feature-variance", progress=False,
     )  # fmt: skip
-    assert isinstance(c2, Calibration) and c2.sigma["conv2"].shape == (64, 8, 8)  # type: ignore[index]
+    assert isinstance(c2, Calibration) and c2.covariance["conv2"].shape == (64, 8, 8)  # type: ignore[index]
+    # the old name still answers, with a DeprecationWarning that names the new one
+    with pytest.warns(DeprecationWarning, match=r"Calibration\.covariance"):
+        old = c2.sigma
+    assert old is c2.covariance
 
 
 # ---------------------------------------------------------------------------- data and seeds

@@ -51,6 +51,7 @@ import logging
 import math
 import secrets
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, TypedDict, overload
@@ -135,8 +136,8 @@ class Calibration:
     Attributes:
         nu: the scale ν found (a variance for ``"isotropic"``; a factor on Var(feature) for
             ``"feature-variance"``).
-        sigma: the covariance Σ to give the wrapper (a variance, not a standard deviation): the float
-            ν for ``"isotropic"``, or a read-only mapping layer → ``ν·Var(feature)`` (float32 CPU tensors
+        covariance: the covariance Σ to give the wrapper (variances, not standard deviations): the
+            float ν for ``"isotropic"``, or a read-only mapping layer → ``ν·Var(feature)`` (float32 CPU tensors
             shaped like the feature without the batch dimension) for ``"feature-variance"``.
         layers: the canonical perturbed points (``"head.pre"``, ``"input"``, ...).
         noise: ``"isotropic"`` or ``"feature-variance"``.
@@ -160,7 +161,7 @@ class Calibration:
     """
 
     nu: float
-    sigma: float | Mapping[str, Tensor] = field(repr=False)
+    covariance: float | Mapping[str, Tensor] = field(repr=False)
     layers: tuple[str, ...]
     noise: NoiseShape
     target_drop: float
@@ -182,12 +183,23 @@ class Calibration:
 
     @property
     def nu_for_wrap(self) -> NuSpec:
-        """The ``nu`` argument of :func:`randfeat.wrap` (``sigma``)."""
-        return self.sigma
+        """The ``nu`` argument of :func:`randfeat.wrap` (:attr:`covariance`)."""
+        return self.covariance
+
+    @property
+    def sigma(self) -> float | Mapping[str, Tensor]:
+        """Deprecated name of :attr:`covariance` (it holds variances, which ``sigma`` hid)."""
+        warnings.warn(
+            "`Calibration.sigma` is deprecated and will be removed in 0.2: use "
+            "`Calibration.covariance` (the same value: variances, not standard deviations).",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.covariance
 
     def wrap_kwargs(self) -> WrapKwargs:
         """``{"layers": [...], "nu": ...}`` for ``randfeat.wrap(model, **c.wrap_kwargs())``."""
-        return {"layers": list(self.layers), "nu": self.sigma}
+        return {"layers": list(self.layers), "nu": self.covariance}
 
 
 # ---------------------------------------------------------------------------- calibrate_nu
@@ -364,7 +376,7 @@ def _calibrate(
         results.append(
             Calibration(
                 nu=nu,
-                sigma=_ReadOnly(s) if isinstance(s, dict) else s,
+                covariance=_ReadOnly(s) if isinstance(s, dict) else s,
                 layers=tuple(keys),
                 noise=noise,
                 target_drop=t,

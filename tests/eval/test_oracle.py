@@ -62,9 +62,13 @@ def test_success_is_verified_by_majority_and_verification_is_free() -> None:
     assert o.queries.tolist() == [0, 1, 0]
     assert o.verify_forwards.tolist() == [0, 9, 0]
     assert o.success_query.tolist() == [-1, 1, -1]
+    assert o.n_succeeded == 1
     assert torch.equal(o.x_success[1], x[1])
     with pytest.raises(RuntimeError, match="already succeeded"):
         o.scores(x[[1]], torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="already succeeded"):  # also mixed with open samples
+        o.scores(o.x0[[0, 1, 2]], torch.tensor([0, 1, 2]))
+    assert o.queries.tolist() == [0, 1, 0]  # refused queries are not charged
     assert not bool(o.active()[1])
 
 

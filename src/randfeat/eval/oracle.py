@@ -44,8 +44,9 @@ def distance(x: Tensor, x0: Tensor, norm: Norm) -> Tensor:
 
 def _forward(model: Model, x: Tensor, batch_size: int) -> Tensor:
     with torch.no_grad():
-        outs = [model(chunk) for chunk in x.split(batch_size)]
-    return torch.cat(outs) if len(outs) > 1 else outs[0]
+        if x.shape[0] <= batch_size:
+            return model(x)
+        return torch.cat([model(chunk) for chunk in x.split(batch_size)])
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,12 @@ class Oracle:
         output: what the attack may see: ``"scores"`` or ``"labels"``.
         batch_size: forwards per model call (default: everything at once).
         samples: forwards averaged per query (EOT); each query is charged ``samples``.
+
+    Attributes:
+        queries: ``[N]`` int64, queries charged so far per sample.
+        success: ``[N]`` bool, verified success per sample.
+        n_succeeded: verified successes so far, a host-side int: an attack that keeps its active
+            samples gathered can re-gather only when this changes, without a device sync.
     """
 
     def __init__(
@@ -143,8 +150,10 @@ class Oracle:
         self.verify_forwards = torch.zeros(n, dtype=torch.long, device=dev)
         self.success = torch.zeros(n, dtype=torch.bool, device=dev)
         self.success_query = torch.full((n,), -1, dtype=torch.long, device=dev)
+        self._limit = torch.full((n,), self.budget, dtype=torch.long, device=dev)
         self.x_success = x.clone()
         self.num_classes: int | None = None
+        self.n_succeeded = 0  # verified successes so far (a cheap host-side "active set changed")
 
     # ------------------------------------------------------------------ budget bookkeeping
     @property
@@ -226,21 +235,18 @@ class Oracle:
             )
         if x.shape[0] == 0:
             return torch.empty(0, device=x.device)
-        counts = torch.bincount(idx, minlength=self.x0.shape[0]) * self.samples
-        # one host sync for the three contract checks; the message says which one failed
-        bad = torch.stack(
-            [
-                (self.success & (counts > 0)).any(),
-                (self.queries + counts > self.budget).any(),
-                x.min() < 0,
-            ]
-        )
-        bad[2] |= x.max() > 1
-        if bool(bad.any()):
-            which = bad.tolist()
-            if which[0]:
+        counts = torch.bincount(idx, minlength=self.x0.shape[0])
+        if self.samples != 1:
+            counts = counts * self.samples
+        new_queries = self.queries + counts
+        # One host sync for the contract: per-sample limits (the budget, or the count at success,
+        # so a succeeded sample can spend nothing more) and [0, 1]. The message says what failed.
+        lo, hi = torch.aminmax(x)
+        bad = (new_queries > self._limit).any() | (lo < 0) | (hi > 1)
+        if bool(bad):
+            if bool((self.success & (counts > 0)).any()):
                 raise RuntimeError("attack bug: queried a sample that has already succeeded")
-            if which[1]:
+            if bool((new_queries > self.budget).any()):
                 raise RuntimeError("attack bug: a query would exceed the per-sample budget")
             raise RuntimeError("attack bug: queried a point outside [0, 1]")
         if self.samples == 1:
@@ -252,12 +258,13 @@ class Oracle:
                 k = max(self.num_classes or 0, *(int(r.max()) + 1 for r in raw))
                 raw = [torch.nn.functional.one_hot(r, k).float() for r in raw]
             out = torch.cat([r.view(-1, self.samples, r.shape[1]).mean(dim=1) for r in raw])
-        self.queries += counts
+        self.queries = new_queries
         self._check_success(x, idx, self._predict(out))
         return out
 
     def _check_success(self, x: Tensor, idx: Tensor, pred: Tensor) -> None:
-        wrong = (pred != self.y[idx]) & ~self.success[idx]
+        # `_query` refuses rows of succeeded samples, so every row here belongs to an open sample
+        wrong = pred != self.y[idx]
         if not bool(wrong.any()):
             return
         rows = wrong.nonzero().squeeze(1)  # the ball is checked on misclassified rows only
@@ -278,8 +285,10 @@ class Oracle:
             fooled = 2 * wrong.view(-1, self.votes).sum(dim=1) > self.votes
             self.verify_forwards.index_add_(0, samp, torch.full_like(samp, self.votes))
         won = samp[fooled]
+        self.n_succeeded += int(won.numel())
         self.success[won] = True
         self.success_query[won] = self.queries[won]
+        self._limit[won] = self.queries[won]
         self.x_success[won] = pts[fooled].to(self.x_success.dtype)
 
     def result(self, x_last: Tensor) -> AttackResult:

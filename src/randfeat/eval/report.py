@@ -21,7 +21,6 @@ and :func:`to_csv`, live in :mod:`randfeat.eval.tables` and are re-exported here
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -30,8 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from randfeat.eval.config import ConfigError
-from randfeat.eval.results import FORMAT, FORMAT_VERSION, RESULT_SCHEMA
+from randfeat.eval.results import RESULT_SCHEMA, ReportError, load_results
 from randfeat.eval.tables import to_csv as to_csv
 from randfeat.eval.tables import to_markdown as to_markdown
 
@@ -77,79 +75,6 @@ _ATTACK_FIELDS = ("image", "defense", "attack", "budget", "success", "success_qu
 _CLEAN_FIELDS = ("image", "defense", "correct")
 
 
-class ReportError(ConfigError):
-    """A result file that cannot be reported on (missing, empty, no header, corrupt line)."""
-
-
-# ---------------------------------------------------------------------------- reading
-def load_results(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Read a result file written by ``randfeat eval``: ``(header, rows)``.
-
-    A cut-off *last* line (a run that crashed or is still writing) is skipped with a warning; any
-    other line that is not a JSON object is an error.
-
-    Raises:
-        ReportError: the file is missing or unreadable, empty, has no header line, a corrupt line,
-            or another format version.
-    """
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ReportError(
-            f"Result file {str(p)!r} does not exist. Write one with `randfeat eval --out {p}`."
-        ) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise ReportError(f"Cannot read result file {str(p)!r}: {err}") from None
-    lines = text.split("\n")
-    if not any(line.strip() for line in lines):
-        raise ReportError(
-            f"Result file {str(p)!r} is empty: its run wrote nothing yet (or failed before "
-            "calibration ended). Rerun `randfeat eval` with the same settings."
-        )
-    last = max(i for i, line in enumerate(lines) if line.strip())
-    records: list[dict[str, Any]] = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError as err:
-            if i == last and not text.endswith("\n") and i > 0:
-                logger.warning("%s: skipping the cut-off last line %d (%s).", p, i + 1, err)
-                continue
-            raise ReportError(
-                f"Result file {str(p)!r}, line {i + 1}: not valid JSON ({err}). Remove or fix that "
-                "line (rerunning `randfeat eval` with the same settings repairs a cut-off end)."
-            ) from None
-        if not isinstance(rec, dict):
-            raise ReportError(
-                f"Result file {str(p)!r}, line {i + 1}: expected a JSON object, but got "
-                f"{type(rec).__name__}."
-            )
-        records.append(rec)
-    header = records[0] if records else {}
-    if header.get("type") != "header":
-        raise ReportError(
-            f"Result file {str(p)!r} has no header: its first line should be the "
-            '{"type": "header", ...} record that `randfeat eval` writes, but it is '
-            f"{_brief(header)}. Is this a randfeat result file?"
-        )
-    if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
-        raise ReportError(
-            f"Result file {str(p)!r} has format {header.get('format')!r} version "
-            f"{header.get('format_version')!r}; this randfeat reads {FORMAT!r} version "
-            f"{FORMAT_VERSION}."
-        )
-    return header, records[1:]
-
-
-def _brief(rec: Mapping[str, Any]) -> str:
-    text = json.dumps(rec, ensure_ascii=False)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-# ---------------------------------------------------------------------------- the table
 @dataclass(frozen=True)
 class Column:
     """One attack × budget column: ``attack`` as in the file, ``label`` as in the paper."""

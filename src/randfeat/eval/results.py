@@ -38,6 +38,7 @@ is refused, naming the settings that differ (:data:`NON_RESULT_SETTINGS` are not
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -51,9 +52,12 @@ __all__ = [
     "NON_RESULT_SETTINGS",
     "RESULT_SCHEMA",
     "TIMING_FIELDS",
+    "ReportError",
     "config_differences",
     "load_results",
 ]
+
+logger = logging.getLogger(__name__)
 
 FORMAT = "randfeat-eval"
 FORMAT_VERSION = 1
@@ -153,18 +157,78 @@ def _read_records(path: Path) -> tuple[list[dict[str, Any]], bool]:
     return records, dirty
 
 
+class ReportError(ConfigError):
+    """A result file that cannot be reported on (missing, empty, no header, corrupt line)."""
+
+
 def load_results(path: str | os.PathLike[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Read a result file: ``(header, rows)``; a damaged last line is ignored.
+    """Read a result file written by ``randfeat eval``: ``(header, rows)``.
+
+    A cut-off *last* line (a run that crashed or is still writing) is skipped with a warning; any
+    other line that is not a JSON object is an error.
 
     Raises:
-        ConfigError: the file is missing, unreadable, has no header, or is damaged elsewhere.
+        ReportError: the file is missing or unreadable, empty, has no header line, a corrupt line,
+            or another format version.
     """
-    records, _ = _read_records(Path(path))
-    if not records or records[0].get("type") != "header":
-        raise ConfigError(f"{str(path)!r} is not a randfeat result file (no header line).")
-    return records[0], records[1:]
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ReportError(
+            f"Result file {str(p)!r} does not exist. Write one with `randfeat eval --out {p}`."
+        ) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ReportError(f"Cannot read result file {str(p)!r}: {err}") from None
+    lines = text.split("\n")
+    if not any(line.strip() for line in lines):
+        raise ReportError(
+            f"Result file {str(p)!r} is empty: its run wrote nothing yet (or failed before "
+            "calibration ended). Rerun `randfeat eval` with the same settings."
+        )
+    last = max(i for i, line in enumerate(lines) if line.strip())
+    records: list[dict[str, Any]] = []
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError as err:
+            if i == last and not text.endswith("\n") and i > 0:
+                logger.warning("%s: skipping the cut-off last line %d (%s).", p, i + 1, err)
+                continue
+            raise ReportError(
+                f"Result file {str(p)!r}, line {i + 1}: not valid JSON ({err}). Remove or fix that "
+                "line (rerunning `randfeat eval` with the same settings repairs a cut-off end)."
+            ) from None
+        if not isinstance(rec, dict):
+            raise ReportError(
+                f"Result file {str(p)!r}, line {i + 1}: expected a JSON object, but got "
+                f"{type(rec).__name__}."
+            )
+        records.append(rec)
+    header = records[0] if records else {}
+    if header.get("type") != "header":
+        raise ReportError(
+            f"Result file {str(p)!r} has no header: its first line should be the "
+            '{"type": "header", ...} record that `randfeat eval` writes, but it is '
+            f"{_brief(header)}. Is this a randfeat result file?"
+        )
+    if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
+        raise ReportError(
+            f"Result file {str(p)!r} has format {header.get('format')!r} version "
+            f"{header.get('format_version')!r}; this randfeat reads {FORMAT!r} version "
+            f"{FORMAT_VERSION}."
+        )
+    return header, records[1:]
 
 
+def _brief(rec: Mapping[str, Any]) -> str:
+    text = json.dumps(rec, ensure_ascii=False)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ---------------------------------------------------------------------------- the table
 def _unit_key(row: Mapping[str, Any]) -> tuple[Any, ...]:
     if row.get("type") == "clean":
         return ("clean", row["defense"], None, None, row["chunk"])

@@ -125,12 +125,18 @@ def _bump_pair(s: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.stack([bump, bump.T])
 
 
+@functools.lru_cache(maxsize=256)
+def _bands(s: int, size: int, device: torch.device) -> Tensor:
+    """``[size, size]`` bool, row ``t``: the positions ``t <= r < t + s`` (read-only, shared)."""
+    r = torch.arange(size, device=device)
+    rel = r.view(1, -1) - r.view(-1, 1)
+    return (rel >= 0) & (rel < s)
+
+
 def _window_masks(top: Tensor, left: Tensor, s: int, h: int, w: int) -> Tensor:
     """``[n, h, w]`` bool: for sample ``i`` the ``s x s`` window at ``(top[i], left[i])``."""
-    rows = torch.arange(h, device=top.device).view(1, h)
-    cols = torch.arange(w, device=top.device).view(1, w)
-    in_rows = (rows >= top.view(-1, 1)) & (rows < top.view(-1, 1) + s)
-    in_cols = (cols >= left.view(-1, 1)) & (cols < left.view(-1, 1) + s)
+    in_rows = _bands(s, h, top.device)[top]  # [n, h]
+    in_cols = _bands(s, w, left.device)[left]  # [n, w]
     return in_rows.unsqueeze(2) & in_cols.unsqueeze(1)
 
 
@@ -278,23 +284,35 @@ class Square(Attack):
         if not bool(act.any()):
             return x_best
         idx = act.nonzero().squeeze(1)
-        margin_min[idx] = margin(oracle.scores(x_best[idx], idx), y[idx])
-
+        ya = y[idx]
+        xb = x_best[idx]
+        mm = margin(oracle.scores(xb, idx), ya)
+        # The loop works on the active samples gathered once ("compacted"): x_best and margin_min
+        # are written back, and the active samples gathered again, only when the oracle reports a
+        # new success (every active sample spends one query per iteration, so the budget never
+        # splits them).
+        xp, xm = (x_plus[idx], x_minus[idx]) if self.norm == "linf" else (x0[idx], x0[idx])
+        seen = -1
         for i_iter in range(n_iters - 1):
-            act = oracle.active(1)
-            if not bool(act.any()):
-                break
-            idx = act.nonzero().squeeze(1)
+            if oracle.n_succeeded != seen:
+                x_best[idx], margin_min[idx] = xb, mm
+                seen = oracle.n_succeeded
+                act = oracle.active(1)
+                if not bool(act.any()):
+                    break
+                idx = act.nonzero().squeeze(1)
+                xb, mm, ya = x_best[idx], margin_min[idx], y[idx]
+                xp, xm = (x_plus[idx], x_minus[idx]) if self.norm == "linf" else (x0[idx], x0[idx])
             s = side_length(p_selection(self.p_init, i_iter, n_iters), h, w, self.norm)
             if self.norm == "linf":
-                cand = self._candidate_linf(x_best[idx], x_plus[idx], x_minus[idx], s, generator)
+                cand = self._candidate_linf(xb, xp, xm, s, generator)
             else:
-                cand = self._candidate_l2(x0[idx], x_best[idx], s, generator)
-            loss = margin(oracle.scores(cand, idx), y[idx])
-            best = margin_min[idx]
-            improved = loss < best  # strict, as in the official code
-            margin_min[idx] = torch.where(improved, loss, best)
-            x_best[idx] = torch.where(improved.view(-1, 1, 1, 1), cand, x_best[idx])
+                cand = self._candidate_l2(xp, xb, s, generator)  # xp is x0 here
+            loss = margin(oracle.scores(cand, idx), ya)
+            improved = loss < mm  # strict, as in the official code
+            mm = torch.where(improved, loss, mm)
+            xb = torch.where(improved.view(-1, 1, 1, 1), cand, xb)
+        x_best[idx], margin_min[idx] = xb, mm
         logger.debug("Square(%s): %d of %d samples fooled", self.norm, int(oracle.success.sum()), n)
         return x_best
 
