@@ -265,6 +265,36 @@ def test_accepts_only_improvements(digits: Digits, digits_model: nn.Module) -> N
     assert bool((seen[1:] < seen[0]).any())  # some improvement happened
 
 
+@pytest.mark.parametrize(("norm", "eps"), [("linf", 0.1), ("l2", 0.8)])
+def test_best_points_survive_successes_of_other_samples(
+    digits: Digits, digits_model: nn.Module, norm: str, eps: float
+) -> None:
+    """With samples fooled mid-run (the active set shrinks), every unfooled sample still returns
+    the lowest-margin point of all its queries, and a fooled one its verified point."""
+    x, y = digits.x_test[:40], digits.y_test[:40]
+    model = Counting(digits_model)
+    res = Square(eps, norm).run(model, x, y, budget=150, votes=1, seed=5)  # type: ignore[arg-type]
+    late = res.success & (res.success_query > 1)
+    assert int(late.sum()) >= 3 and int((~res.success).sum()) >= 3  # both kinds, at many times
+    rows = torch.cat(model.inputs)
+    scores = torch.cat(model.outputs)
+    # each queried row belongs to the one clean image it lies within ε of
+    d = torch.stack([distance(rows, x[i].expand_as(rows), norm) for i in range(40)], dim=1)  # type: ignore[arg-type]
+    owner = d <= eps + 1e-6
+    assert bool((owner.sum(dim=1) == 1).all())
+    sample = owner.float().argmax(dim=1)
+    seen = margin(scores, y[sample])
+    with torch.no_grad():
+        final = margin(digits_model(res.x_adv), y)
+    for i in range(40):
+        mine = seen[sample == i]
+        assert mine.numel() == int(res.queries[i])
+        if bool(res.success[i]):
+            assert float(final[i]) <= 0.0  # the verified point: misclassified
+        else:
+            assert float(final[i]) == pytest.approx(float(mine.min()), abs=1e-5)
+
+
 # ------------------------------------------------------------ geometry
 def test_linf_init_stripes_and_window_updates() -> None:
     n, c, h, w, eps, budget = 16, 3, 10, 10, 0.1, 60
