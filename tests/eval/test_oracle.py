@@ -199,6 +199,13 @@ def test_project_is_exact(
     assert p.dtype == dtype
     assert bool((distance(p, x0, norm) <= eps).all())  # type: ignore[arg-type]
     assert bool(((p >= 0) & (p <= 1)).all())
+    if norm == "linf":  # the nearest point: per-coordinate clipping, and a no-op inside the box
+        assert torch.equal(project(p, x0, eps, "linf"), p)
+        lo = (x0.double() - eps).clamp_min(0.0)
+        hi = (x0.double() + eps).clamp_max(1.0)
+        ulp = float(torch.finfo(dtype).eps)  # bounds may sit one rounding step inside
+        gap = (p.double() - x.double().clamp(lo, hi)).abs()
+        assert bool((gap <= ulp * (1 + x0.double().abs() + eps)).all())
 
 
 def test_margin() -> None:

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from randfeat.eval.oracle import AttackResult, Model, Norm, Oracle, Output, distance
 
-__all__ = ["Attack", "make_generator", "margin", "project", "validate_eps"]
+__all__ = ["Attack", "linf_bounds", "make_generator", "margin", "project", "validate_eps"]
 
 
 def make_generator(seed: int | torch.Generator | None, device: torch.device) -> torch.Generator:
@@ -58,16 +58,26 @@ def _shrink_toward(bound: Tensor, x0: Tensor, eps: float) -> Tensor:
     return bound
 
 
+def linf_bounds(x0: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    """``(lo, hi)``: the box ``B_∞(x0, ε) ∩ [0, 1]``, exact in float64, in ``x0``'s dtype.
+
+    ``x.clamp(lo, hi)`` is the ℓ∞ :func:`project` of ``x``; an attack that projects many times
+    around the same ``x0`` computes the bounds once.
+    """
+    # bounds rounded from float64 overshoot by at most half an ulp, which one nudge undoes
+    lo = _shrink_toward((x0.double() - eps).to(x0.dtype), x0, eps).clamp_min(0.0)
+    hi = _shrink_toward((x0.double() + eps).to(x0.dtype), x0, eps).clamp_max(1.0)
+    return lo, hi
+
+
 def project(x: Tensor, x0: Tensor, eps: float, norm: Norm) -> Tensor:
     """Project ``x`` onto the ε-ball around ``x0`` intersected with ``[0, 1]``, exactly.
 
     The result satisfies ``distance(out, x0, norm) <= eps`` when checked in float64, in ``x``'s dtype.
     """
     if norm == "linf":
-        # bounds rounded from float64 overshoot by at most half an ulp, which one nudge undoes
-        lo = _shrink_toward((x0.double() - eps).to(x0.dtype), x0, eps)
-        hi = _shrink_toward((x0.double() + eps).to(x0.dtype), x0, eps)
-        return torch.minimum(torch.maximum(x, lo), hi).clamp(0.0, 1.0)
+        lo, hi = linf_bounds(x0, eps)
+        return x.clamp(lo, hi)
     # ℓ2: scale δ in float64, round to the dtype, and shrink the samples whose rounding overshot
     # (by a few ulps of the dtype, doubling) until every one is inside the ball.
     x0d = x0.double()

@@ -20,7 +20,7 @@ import math
 import torch
 from torch import Tensor
 
-from randfeat.eval.attacks.base import Attack, margin, project
+from randfeat.eval.attacks.base import Attack, linf_bounds, margin, project
 from randfeat.eval.oracle import Norm, Oracle
 
 __all__ = ["NES"]
@@ -200,13 +200,17 @@ class NES(Attack):
             sel = all_idx[first]
             oracle.scores(x0[sel], sel)
         need = self.queries_per_iteration
+        lo, hi = linf_bounds(x0, self.eps) if self.norm == "linf" else (x0, x0)
         iters = 0
         while True:
             act = all_idx[oracle.active(need)]
             if act.numel() == 0:
                 break
             g = self._gradient(oracle, x[act], act, generator)
-            x_new = project(self._step(x[act], g), x0[act], self.eps, self.norm)
+            if self.norm == "linf":  # the box is computed once per run
+                x_new = self._step(x[act], g).clamp(lo[act], hi[act])
+            else:
+                x_new = project(self._step(x[act], g), x0[act], self.eps, self.norm)
             x[act] = x_new
             # a probe inside the ball may already have fooled the model: check only the rest
             alive = ~oracle.success[act]

@@ -30,12 +30,13 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from randfeat.eval.attacks.base import Attack, margin, project
+from randfeat.eval.attacks.base import Attack, linf_bounds, margin, project
 from randfeat.eval.oracle import Norm, Oracle
 
 __all__ = ["SignHunter"]
 
 Layout = Literal["nhwc", "nchw"]
+Box = tuple[Tensor, Tensor]
 
 
 class SignHunter(Attack):
@@ -127,11 +128,16 @@ class SignHunter(Attack):
             return s.reshape(s.shape[0], *shape)
         return s.reshape(s.shape[0], *shape[1:], shape[0]).movedim(-1, 1)
 
-    def _probe(self, x0: Tensor, s: Tensor, x_clean: Tensor, d: int) -> Tensor:
-        """``Π(x_o + ε step(s))``: the probe for centres ``x0`` and flat signs ``s`` ``[n, d]``."""
+    def _probe(self, x0: Tensor, s: Tensor, x_clean: Tensor, d: int, box: Box | None) -> Tensor:
+        """``Π(x_o + ε step(s))``: the probe for centres ``x0`` and flat signs ``s`` ``[n, d]``.
+
+        ``box``: the ℓ∞ bounds of the rows (:func:`~randfeat.eval.attacks.base.linf_bounds` of
+        ``x_clean``, computed once per run), None for ℓ2.
+        """
         step = self._to_image(s, x0.shape[1:])
-        if self.norm == "l2":
-            step = step / math.sqrt(d)
+        if box is not None:
+            return (x0 + self.eps * step).clamp(*box)
+        step = step / math.sqrt(d)
         return project(x0 + self.eps * step, x_clean, self.eps, self.norm)
 
     # ------------------------------------------------------------------ the attack
@@ -143,6 +149,11 @@ class SignHunter(Attack):
         dev = x_clean.device
         last_level = (d - 1).bit_length()  # ceil(log2 d): the level of one-coordinate chunks
         coords = torch.arange(d, device=dev)
+        lo, hi = linf_bounds(x_clean, self.eps) if self.norm == "linf" else (x_clean, x_clean)
+
+        def probe_of(rows: Tensor, signs: Tensor) -> Tensor:
+            box = (lo[rows], hi[rows]) if self.norm == "linf" else None
+            return self._probe(center[rows], signs, x_clean[rows], d, box)
 
         center = x_clean.clone()  # x_o
         x_last = x_clean.clone()  # the iterate Π(x_o + ε step(s_best))
@@ -166,7 +177,7 @@ class SignHunter(Attack):
             rows = (oracle.active(1) & have_center & ~started).nonzero().squeeze(1)
             if rows.numel() > 0:
                 s[rows] = 1.0
-                probe = self._probe(center[rows], s[rows], x_clean[rows], d)
+                probe = probe_of(rows, s[rows])
                 best[rows] = margin(oracle.scores(probe, rows), oracle.y[rows])
                 x_last[rows] = probe
                 started[rows] = True
@@ -178,7 +189,7 @@ class SignHunter(Attack):
             chunk = (d + (1 << hr) - 1) >> hr  # ceil(d / 2^h), [n]
             flip = (coords.unsqueeze(0) // chunk.unsqueeze(1)) == ir.unsqueeze(1)
             cand = torch.where(flip, -s[rows], s[rows])
-            probe = self._probe(center[rows], cand, x_clean[rows], d)
+            probe = probe_of(rows, cand)
             loss = margin(oracle.scores(probe, rows), oracle.y[rows])
             # g(s') >= g(s_best) with the cached L(x_o)  <=>  L(s') <= L(s_best)
             keep = loss <= best[rows]
