@@ -1061,7 +1061,7 @@ def main() -> None:
     p.add_argument("--qc-eps-l2", type=float, default=0.1)
     p.add_argument("--qc-eot-m", type=int, default=5)
     p.add_argument("--qc-reps", type=int, default=10, help="t_batch forwards before/after each")
-    p.add_argument("--qc-repeats", type=int, default=1, help="runs per attack (median)")
+    p.add_argument("--qc-repeats", type=int, default=3, help="runs per attack (median)")
     p.add_argument("--qc-skip", nargs="*", default=[], help="part-2 attacks to skip (substring)")
     p.add_argument("--no-profile", dest="profile", action="store_false")
     p.add_argument("--only", choices=["peers", "cost"], default=None)
