@@ -149,14 +149,16 @@ class SignHunter(Attack):
         dev = x_clean.device
         last_level = (d - 1).bit_length()  # ceil(log2 d): the level of one-coordinate chunks
         coords = torch.arange(d, device=dev)
+
+        center = x_clean.clone()  # x_o
+        x_last = x_clean.clone()  # the iterate Π(x_o + ε step(s_best))
+        # ℓ∞: the ε-box of each image, computed once (every probe is clipped to it)
         lo, hi = linf_bounds(x_clean, self.eps) if self.norm == "linf" else (x_clean, x_clean)
 
         def probe_of(rows: Tensor, signs: Tensor) -> Tensor:
             box = (lo[rows], hi[rows]) if self.norm == "linf" else None
             return self._probe(center[rows], signs, x_clean[rows], d, box)
 
-        center = x_clean.clone()  # x_o
-        x_last = x_clean.clone()  # the iterate Π(x_o + ε step(s_best))
         s = torch.ones(n, d, dtype=x_clean.dtype, device=dev)
         best = torch.full((n,), math.inf, device=dev)  # loss of the best probe of this restart
         f_center = torch.zeros(n, device=dev)  # cached L(x_o), one query per restart
