@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from randfeat.eval.attacks.base import margin, project
+from randfeat.eval.attacks.base import linf_bounds, margin, project
 from randfeat.eval.oracle import AttackResult, Oracle, _binom_majority, distance, rejudge
 
 
@@ -206,6 +206,12 @@ def test_project_is_exact(
         ulp = float(torch.finfo(dtype).eps)  # bounds may sit one rounding step inside
         gap = (p.double() - x.double().clamp(lo, hi)).abs()
         assert bool((gap <= ulp * (1 + x0.double().abs() + eps)).all())
+
+
+@pytest.mark.parametrize("eps", [0.0, -0.1, math.nan, math.inf])
+def test_linf_bounds_reject_bad_eps(eps: float) -> None:
+    with pytest.raises(ValueError, match="`eps`"):
+        linf_bounds(torch.zeros(1, 1, 2, 2), eps)
 
 
 def test_margin() -> None:

@@ -150,7 +150,6 @@ class Oracle:
         self.verify_forwards = torch.zeros(n, dtype=torch.long, device=dev)
         self.success = torch.zeros(n, dtype=torch.bool, device=dev)
         self.success_query = torch.full((n,), -1, dtype=torch.long, device=dev)
-        self._limit = torch.full((n,), self.budget, dtype=torch.long, device=dev)
         self.x_success = x.clone()
         self.num_classes: int | None = None
         self.n_succeeded = 0  # verified successes so far (a cheap host-side "active set changed")
@@ -239,10 +238,10 @@ class Oracle:
         if self.samples != 1:
             counts = counts * self.samples
         new_queries = self.queries + counts
-        # One host sync for the contract: per-sample limits (the budget, or the count at success,
-        # so a succeeded sample can spend nothing more) and [0, 1]. The message says what failed.
+        # One host sync for the contract (per-sample limits and [0, 1]); the message says what failed.
+        limit = torch.where(self.success, self.queries, self.budget)  # a success spends no more
         lo, hi = torch.aminmax(x)
-        bad = (new_queries > self._limit).any() | (lo < 0) | (hi > 1)
+        bad = (new_queries > limit).any() | (lo < 0) | (hi > 1)
         if bool(bad):
             if bool((self.success & (counts > 0)).any()):
                 raise RuntimeError("attack bug: queried a sample that has already succeeded")
@@ -288,7 +287,6 @@ class Oracle:
         self.n_succeeded += int(won.numel())
         self.success[won] = True
         self.success_query[won] = self.queries[won]
-        self._limit[won] = self.queries[won]
         self.x_success[won] = pts[fooled].to(self.x_success.dtype)
 
     def result(self, x_last: Tensor) -> AttackResult:

@@ -63,7 +63,11 @@ def linf_bounds(x0: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 
     ``x.clamp(lo, hi)`` is the ℓ∞ :func:`project` of ``x``; an attack that projects many times
     around the same ``x0`` computes the bounds once.
+
+    Raises:
+        ValueError / TypeError: ``eps`` is not a finite float > 0.
     """
+    eps = validate_eps(eps)
     # bounds rounded from float64 overshoot by at most half an ulp, which one nudge undoes
     lo = _shrink_toward((x0.double() - eps).to(x0.dtype), x0, eps).clamp_min(0.0)
     hi = _shrink_toward((x0.double() + eps).to(x0.dtype), x0, eps).clamp_max(1.0)

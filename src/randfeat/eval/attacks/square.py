@@ -284,15 +284,13 @@ class Square(Attack):
         if not bool(act.any()):
             return x_best
         idx = act.nonzero().squeeze(1)
-        ya = y[idx]
-        xb = x_best[idx]
+        xb, ya, xp, xm = x_best[idx], y[idx], x_plus[idx], x_minus[idx]
+        seen = oracle.n_succeeded  # before the init query: its successes re-gather too
         mm = margin(oracle.scores(xb, idx), ya)
         # The loop works on the active samples gathered once ("compacted"): x_best and margin_min
         # are written back, and the active samples gathered again, only when the oracle reports a
         # new success (every active sample spends one query per iteration, so the budget never
         # splits them).
-        xp, xm = (x_plus[idx], x_minus[idx]) if self.norm == "linf" else (x0[idx], x0[idx])
-        seen = -1
         for i_iter in range(n_iters - 1):
             if oracle.n_succeeded != seen:
                 x_best[idx], margin_min[idx] = xb, mm
@@ -302,12 +300,12 @@ class Square(Attack):
                     break
                 idx = act.nonzero().squeeze(1)
                 xb, mm, ya = x_best[idx], margin_min[idx], y[idx]
-                xp, xm = (x_plus[idx], x_minus[idx]) if self.norm == "linf" else (x0[idx], x0[idx])
+                xp, xm = x_plus[idx], x_minus[idx]
             s = side_length(p_selection(self.p_init, i_iter, n_iters), h, w, self.norm)
             if self.norm == "linf":
                 cand = self._candidate_linf(xb, xp, xm, s, generator)
             else:
-                cand = self._candidate_l2(xp, xb, s, generator)  # xp is x0 here
+                cand = self._candidate_l2(xp, xb, s, generator)  # ℓ2: x_plus is x0
             loss = margin(oracle.scores(cand, idx), ya)
             improved = loss < mm  # strict, as in the official code
             mm = torch.where(improved, loss, mm)
