@@ -17,7 +17,6 @@ from randfeat.theory import (
     gradient_norms,
     gradient_ratio_before_after_step,
     layer_report,
-    margin_loss,
     monte_carlo_fooling_probability,
     predicted_nu,
     theorem1_fooling_probability,
@@ -224,8 +223,3 @@ def test_bad_input() -> None:
         gradient_norms(model, x, torch.tensor([0]))
     with pytest.raises(ValueError, match="loss"):
         gradient_norms(model, x, y, loss="hinge")  # type: ignore[arg-type]
-
-
-def test_margin_loss() -> None:
-    logits = torch.tensor([[3.0, 1.0, 2.0], [0.0, 5.0, 5.0]])
-    assert margin_loss(logits, torch.tensor([0, 1])).tolist() == [1.0, 0.0]

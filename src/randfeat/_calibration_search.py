@@ -12,13 +12,20 @@ from __future__ import annotations
 
 import logging
 import math
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 from torch import nn
 
 from randfeat._calibration_data import _NonFinite
+from randfeat.checks import (
+    check_choice,
+    check_optional,
+    check_positive_int,
+    check_probability,
+    check_seed,
+    expected,
+)
 from randfeat.wrapper import RandomizedFeatureWrapper
 
 logger = logging.getLogger("randfeat.calibration")  # the records keep the public module's name
@@ -38,26 +45,12 @@ def _check_targets(target_drop: object) -> tuple[list[float], bool]:
     many = isinstance(target_drop, Sequence) and not isinstance(target_drop, (str, bytes))
     values = list(target_drop) if many else [target_drop]  # type: ignore[call-overload]
     if not values:
-        raise ValueError("Expected argument `target_drop` to be a float or a non-empty sequence.")
-    out = []
-    for t in values:
-        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not 0 < float(t) < 1:
-            raise ValueError(
-                f"Expected argument `target_drop` to be an accuracy drop in (0, 1) (0.02 = two "
-                f"points), or a sequence of them, but got {t!r}."
-            )
-        out.append(float(t))
-    return out, many
-
-
-def _check_positive_int(value: object, name: str) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(
-            f"Expected argument `{name}` to be None or an int >= 1, but got {value!r}."
+            expected(
+                "target_drop", "an accuracy drop in (0, 1) or a non-empty sequence of them", []
+            )
         )
-    return value
+    return [check_probability(t, "target_drop") for t in values], many
 
 
 def _check_args(
@@ -72,20 +65,11 @@ def _check_args(
         raise TypeError(
             f"Expected argument `model` to be an nn.Module, but got {type(model).__name__}."
         )
-    if noise not in ("isotropic", "feature-variance"):
-        raise ValueError(
-            f"Expected argument `noise` to be 'isotropic' or 'feature-variance', but got {noise!r}."
-        )
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(f"Expected argument `seed` to be None or an int, but got {seed!r}.")
-    if tol is not None and (
-        isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 < tol < 1
-    ):
-        raise ValueError(
-            f"Expected argument `tol` to be None or a float in (0, 1), but got {tol!r}."
-        )
-    _check_positive_int(draws, "draws")
-    _check_positive_int(batch_size, "batch_size")
+    check_choice(noise, "noise", ("isotropic", "feature-variance"))
+    check_seed(seed)
+    check_optional(check_probability, tol, "tol")
+    check_optional(check_positive_int, draws, "draws")
+    check_optional(check_positive_int, batch_size, "batch_size")
 
 
 # ---------------------------------------------------------------------------- the search

@@ -28,8 +28,18 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from randfeat.checks import (
+    check_batch,
+    check_choice,
+    check_labels,
+    check_nonnegative_float,
+    check_positive_float,
+    check_positive_int,
+    check_probability,
+    check_seed,
+)
 from randfeat.layers import HookPoint, resolve_layers
-from randfeat.noise import validate_nu
+from randfeat.losses import Loss, sample_loss
 
 __all__ = [
     "GradientNorms",
@@ -39,28 +49,10 @@ __all__ = [
     "gradient_norms",
     "gradient_ratio_before_after_step",
     "layer_report",
-    "margin_loss",
     "monte_carlo_fooling_probability",
     "predicted_nu",
     "theorem1_fooling_probability",
 ]
-
-Loss = Literal["margin", "ce"]
-
-
-def margin_loss(logits: Tensor, y: Tensor) -> Tensor:
-    """Eq. 3, per sample: :math:`f_y(x) - \\max_{i \\neq y} f_i(x)` (``[N]``; ``<= 0``: misclassified)."""
-    true = logits.gather(1, y.view(-1, 1)).squeeze(1)
-    other = logits.scatter(1, y.view(-1, 1), float("-inf")).amax(dim=1)
-    return true - other
-
-
-def _loss(logits: Tensor, y: Tensor, loss: Loss) -> Tensor:
-    if loss == "margin":
-        return margin_loss(logits, y)
-    if loss == "ce":
-        return -nn.functional.cross_entropy(logits, y, reduction="none")  # log p_y: larger = safer
-    raise ValueError(f"Expected argument `loss` to be 'margin' or 'ce', but got {loss!r}.")
 
 
 def _check_xy(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
@@ -68,22 +60,8 @@ def _check_xy(model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         raise TypeError(
             f"Expected argument `model` to be an nn.Module, but got {type(model).__name__}."
         )
-    if not isinstance(x, Tensor) or not x.is_floating_point() or x.ndim < 2 or x.shape[0] == 0:
-        raise ValueError(
-            f"Expected argument `x` to be a non-empty float batch [N, ...], got {getattr(x, 'shape', x)!r}."
-        )
-    if (
-        not isinstance(y, Tensor)
-        or y.is_floating_point()
-        or y.is_complex()
-        or y.dtype == torch.bool
-    ):
-        raise TypeError(
-            f"Expected argument `y` to be an integer tensor [N], got {getattr(y, 'dtype', type(y))}."
-        )
-    if y.shape != (x.shape[0],):
-        raise ValueError(f"Expected argument `y` of shape [{x.shape[0]}], got {tuple(y.shape)}.")
-    return x, y.to(device=x.device, dtype=torch.long)
+    x = check_batch(x, "x")
+    return x, check_labels(y, n=x.shape[0]).to(x.device)
 
 
 @dataclass(frozen=True)
@@ -161,7 +139,7 @@ def gradient_norms(
                 raise ValueError(
                     f"Expected labels `y` in [0, {logits.shape[1] - 1}], got range [{int(y.min())}, {int(y.max())}]."
                 )
-            value = _loss(logits, y, loss)
+            value = sample_loss(logits, y, loss)
             keys = [p.key for p in points if p.key != "input"]
             for k in keys:
                 if len(feats[k]) != 1:
@@ -195,15 +173,6 @@ def fooling_probability_from_ratio(r: Tensor) -> Tensor:
     return 0.5 + torch.atan(-torch.rsqrt(r)) / math.pi
 
 
-def _validate_pos(value: float, name: str, allow_zero: bool = True) -> float:
-    v = validate_nu(value, name)
-    if isinstance(v, Tensor):
-        raise TypeError(f"Expected argument `{name}` to be a float, got a tensor.")
-    if not allow_zero and v == 0:
-        raise ValueError(f"Expected argument `{name}` to be > 0, but got {value!r}.")
-    return v
-
-
 def theorem1_fooling_probability(
     model: nn.Module,
     x: Tensor,
@@ -233,8 +202,8 @@ def theorem1_fooling_probability(
     Returns:
         ``[N]`` float64 probabilities in ``[0, 1/2]``.
     """
-    nu_ = _validate_pos(nu, "nu")
-    mu_ = _validate_pos(mu, "mu", allow_zero=False)
+    nu_ = check_nonnegative_float(nu, "nu")
+    mu_ = check_positive_float(mu, "mu")
     if not isinstance(layer, str):
         raise TypeError(f"Expected argument `layer` to be one layer spec (a str), got {layer!r}.")
     g = gradient_norms(model, x, y, [layer], loss=loss)
@@ -262,16 +231,14 @@ def gradient_ratio_before_after_step(
     Returns:
         ``(before, after)``: layer key -> ``[N]`` ratios.
     """
-    if not math.isfinite(step) or step <= 0:
-        raise ValueError(f"Expected argument `step` to be a finite float > 0, got {step!r}.")
+    step = check_positive_float(step, "step")
+    norm = check_choice(norm, "norm", ("linf", "l2"))
     g0 = gradient_norms(model, x, y, layers, loss=loss)
     gx = g0.x_grad
     if norm == "linf":
         direction = gx.sign()
-    elif norm == "l2":
-        direction = gx / g0.input.clamp_min(1e-12).view(-1, *([1] * (x.ndim - 1)))
     else:
-        raise ValueError(f"Expected argument `norm` to be 'linf' or 'l2', got {norm!r}.")
+        direction = gx / g0.input.clamp_min(1e-12).view(-1, *([1] * (x.ndim - 1)))
     x1 = (x - step * direction).clamp(0, 1).detach()
     g1 = gradient_norms(model, x1, y, layers, loss=loss)
     return {k: g0.ratio(k) for k in g0.layers}, {k: g1.ratio(k) for k in g1.layers}
@@ -291,6 +258,7 @@ def predicted_nu(ratio: Tensor, target_drop: float, n_total: int | None = None) 
         target_drop: the absolute drop, in ``(0, accuracy)``.
         n_total: the data-set size N (default: ``len(ratio)``).
     """
+    target_drop = check_probability(target_drop, "target_drop")
     r = ratio.double().flatten()
     n = n_total or r.numel()
     pos = r[r > 0]
@@ -402,6 +370,7 @@ def layer_report(
         mu: the attacker's proposal variance for the Eq. 26 column.
         loss: ``"margin"`` or ``"ce"``.
     """
+    mu_ = check_positive_float(mu, "mu")
     specs = list(layers) if layers is not None else _default_layers(model)
     batches = [data] if isinstance(data, tuple) else data
     acc: dict[str, list[Tensor]] = {}
@@ -419,7 +388,6 @@ def layer_report(
     gin = torch.cat(inp).double()
     correct = value > 0
     rows = []
-    mu_ = _validate_pos(mu, "mu", allow_zero=False)
     for k, parts in acc.items():
         gh = torch.cat(parts).double()
         ratio = torch.where(gh > 0, value / gh.clamp_min(1e-300), torch.full_like(value, math.inf))
@@ -463,10 +431,10 @@ def monte_carlo_fooling_probability(
     """
     from randfeat.wrapper import wrap  # local: theory needs the wrapper only for this check
 
-    nu_ = _validate_pos(nu, "nu")
-    mu_ = _validate_pos(mu, "mu", allow_zero=False)
-    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-        raise ValueError(f"Expected argument `samples` to be an int >= 1, got {samples!r}.")
+    nu_ = check_nonnegative_float(nu, "nu")
+    mu_ = check_positive_float(mu, "mu")
+    samples = check_positive_int(samples, "samples")
+    seed = check_seed(seed)
     x, y = _check_xy(model, x, y)
     n = x.shape[0]
     gen = torch.Generator(device=x.device)
@@ -484,10 +452,10 @@ def monte_carlo_fooling_probability(
     yr = y.repeat_interleave(samples)
     u = torch.randn(rep.shape, generator=gen, device=x.device, dtype=x.dtype) * math.sqrt(mu_)
     with torch.no_grad():
-        clean_u = _loss(model(rep + u), yr, loss)
-        clean_0 = _loss(model(x), y, loss).repeat_interleave(samples)
-        noisy_u = _loss(defended(rep + u), yr, loss)
-        noisy_0 = _loss(defended(rep), yr, loss)
+        clean_u = sample_loss(model(rep + u), yr, loss)
+        clean_0 = sample_loss(model(x), y, loss).repeat_interleave(samples)
+        noisy_u = sample_loss(defended(rep + u), yr, loss)
+        noisy_0 = sample_loss(defended(rep), yr, loss)
     defended.unwrap()
     flipped = ((noisy_u - noisy_0) * (clean_u - clean_0) < 0).view(n, samples).double()
     p = flipped.mean(dim=1)
