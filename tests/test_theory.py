@@ -143,9 +143,13 @@ def test_hooks_removed_when_forward_raises() -> None:
             raise RuntimeError("boom")
 
     m = Bad()
+    x, y = torch.rand(2, 2), torch.zeros(2, dtype=torch.long)
     with pytest.raises(RuntimeError, match="boom"):
-        gradient_norms(m, torch.rand(2, 2), torch.zeros(2, dtype=torch.long), ["fc"])
+        gradient_norms(m, x, y, ["fc"])
     assert len(m.fc._forward_hooks) == 0
+    with pytest.raises(RuntimeError, match="boom"):  # the Monte-Carlo check wraps the model
+        monte_carlo_fooling_probability(m, x, y, "fc.pre", nu=0.1, mu=0.1, samples=2, seed=0)
+    assert len(m.fc._forward_hooks) == len(m.fc._forward_pre_hooks) == 0
 
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])

@@ -25,8 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from randfeat.hooks import Hooks
 from randfeat.layers import HookPoint, resolve_layers
 from randfeat.noise import add_noise, check_feature, sigma_for
+from randfeat.outputs import logits_of
 from randfeat.wrapper import RandomizedFeatureWrapper
 
 HEAD_ELEMENTS = 1 << 24
@@ -246,30 +248,23 @@ def _clean_pass(
     )
     reason = "" if head is not None else "the noise is not at the input of the output module"
     check = _HeadCheck()
-    handles = []
     feats: list[Tensor] = []
     labels: list[Tensor] = []
     outs: list[Tensor] = []
     n, k, correct = 0, 0, torch.zeros((), dtype=torch.int64, device=source.device)
-    try:
+    with Hooks() as hooks:
         for p in points:
-            if p.key == "input":
-                continue
-            m = moments[p.key]
-            if p.where == "input":
-                hook = p.module.register_forward_pre_hook(lambda _, a, m=m: m.add(a[0] if a else a))
-            else:
-                hook = p.module.register_forward_hook(lambda _, a, o, m=m: m.add(o))
-            handles.append(hook)
+            if p.key != "input":
+                hooks.attach(p.module, moments[p.key].add, pre=p.where == "input")
         if head is not None:
-            handles.append(head.register_forward_hook(check, with_kwargs=True))
+            hooks.add(head.register_forward_hook(check, with_kwargs=True))
         for x, y in source:
             check.calls = 0
             for mo in moments.values():
                 mo.fired = False
             if "input" in moments:
                 moments["input"].add(x)
-            logits = model(x)
+            logits = logits_of(model(x))
             k = _check_logits(logits, x, y, n)
             missing = [key for key, mo in moments.items() if not mo.fired]
             if missing:
@@ -288,9 +283,6 @@ def _clean_pass(
                 else:
                     feats, labels, outs = [], [], []
             bar.update()
-    finally:
-        for h in handles:
-            h.remove()
     base_count = int(correct)
     seconds = time.perf_counter() - t0
     head_evals = 0
@@ -400,7 +392,9 @@ class _Evaluator:
         bad = torch.zeros((), dtype=torch.bool, device=device)
         for fn, z, y in self._batches():
             z = z.repeat_interleave(self.draws, 0)
-            out = fn(z) if self.wrapper is not None else fn(add_noise(z, sigma, self.gen))
+            out = logits_of(
+                fn(z) if self.wrapper is not None else fn(add_noise(z, sigma, self.gen))
+            )
             bad |= ~torch.isfinite(out).all()
             hits += (out.argmax(1) == y.repeat_interleave(self.draws)).sum()
         if self.wrapper is None:

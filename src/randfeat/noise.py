@@ -147,7 +147,16 @@ def sigma_for(nu: Variance, feature: Tensor, where: str) -> float | Tensor:
 
 
 def check_feature(feature: object, where: str) -> Tensor:
-    """Raise a clear TypeError unless ``feature`` is a floating tensor."""
+    """Raise a clear TypeError unless ``feature`` is a floating tensor.
+
+    ``None`` is what a pre-hook sees on a module called with keyword arguments only.
+    """
+    if feature is None:
+        raise TypeError(
+            f"Cannot add Gaussian noise at {where!r}: the module there was called without a "
+            "positional input (keyword arguments only), so it has no input feature. Use the "
+            "output spec of the module before it instead."
+        )
     if not isinstance(feature, Tensor) or not feature.is_floating_point():
         kind = f"dtype {feature.dtype}" if isinstance(feature, Tensor) else type(feature).__name__
         raise TypeError(

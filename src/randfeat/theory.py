@@ -20,6 +20,7 @@ do not interact in the forward pass (true in eval mode; batch norm in train mode
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -38,8 +39,10 @@ from randfeat.checks import (
     check_probability,
     check_seed,
 )
-from randfeat.layers import HookPoint, resolve_layers
+from randfeat.hooks import Hooks
+from randfeat.layers import resolve_layers
 from randfeat.losses import Loss, sample_loss
+from randfeat.outputs import logits_of
 
 __all__ = [
     "GradientNorms",
@@ -109,31 +112,24 @@ def gradient_norms(
     x, y = _check_xy(model, x, y)
     points = resolve_layers(model, layers)
     feats: dict[str, list[Tensor]] = {p.key: [] for p in points}
-    handles = []
 
-    def capture(p: HookPoint, t: object) -> Tensor:
+    def capture(key: str, t: object) -> Tensor:
         if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise TypeError(f"The feature at {p.key!r} is not a floating tensor.")
+            raise TypeError(f"The feature at {key!r} is not a floating tensor.")
         t = t.clone()
-        feats[p.key].append(t)
+        feats[key].append(t)
         return t
 
-    for p in points:
-        if p.key == "input":
-            continue
-        if p.where == "input":
-            handles.append(
-                p.module.register_forward_pre_hook(lambda m, a, p=p: (capture(p, a[0]), *a[1:]))
-            )
-        else:
-            handles.append(p.module.register_forward_hook(lambda m, a, o, p=p: capture(p, o)))
-    try:
+    with Hooks() as hooks:
+        for p in points:
+            if p.key != "input":
+                hooks.attach(p.module, functools.partial(capture, p.key), pre=p.where == "input")
         with torch.inference_mode(False), torch.enable_grad():
             xr = x.detach().clone().requires_grad_(True)
-            logits = model(xr)
-            if not isinstance(logits, Tensor) or logits.ndim != 2:
+            logits = logits_of(model(xr))
+            if logits.ndim != 2:
                 raise ValueError(
-                    f"Expected the model to return logits [N, K], got {getattr(logits, 'shape', logits)!r}."
+                    f"Expected the model to return logits [N, K], got {tuple(logits.shape)}."
                 )
             if bool((y >= logits.shape[1]).any()) or bool((y < 0).any()):
                 raise ValueError(
@@ -149,9 +145,6 @@ def gradient_norms(
                     )
             inputs = [xr] + [feats[k][0] for k in keys]
             grads = torch.autograd.grad(value.sum(), inputs, allow_unused=True)
-    finally:
-        for h in handles:
-            h.remove()
     n = x.shape[0]
 
     def norm(g: Tensor | None) -> Tensor:
@@ -451,12 +444,14 @@ def monte_carlo_fooling_probability(
     rep = x.repeat_interleave(samples, dim=0)
     yr = y.repeat_interleave(samples)
     u = torch.randn(rep.shape, generator=gen, device=x.device, dtype=x.dtype) * math.sqrt(mu_)
-    with torch.no_grad():
-        clean_u = sample_loss(model(rep + u), yr, loss)
-        clean_0 = sample_loss(model(x), y, loss).repeat_interleave(samples)
-        noisy_u = sample_loss(defended(rep + u), yr, loss)
-        noisy_0 = sample_loss(defended(rep), yr, loss)
-    defended.unwrap()
+    try:
+        with torch.no_grad():
+            clean_u = sample_loss(logits_of(model(rep + u)), yr, loss)
+            clean_0 = sample_loss(logits_of(model(x)), y, loss).repeat_interleave(samples)
+            noisy_u = sample_loss(logits_of(defended(rep + u)), yr, loss)
+            noisy_0 = sample_loss(logits_of(defended(rep)), yr, loss)
+    finally:
+        defended.unwrap()
     flipped = ((noisy_u - noisy_0) * (clean_u - clean_0) < 0).view(n, samples).double()
     p = flipped.mean(dim=1)
     se = (p * (1 - p) / samples).sqrt()

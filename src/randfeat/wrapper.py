@@ -20,10 +20,11 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
+from randfeat.hooks import Hooks
 from randfeat.layers import HookPoint, resolve_layers
 from randfeat.noise import NoiseRNG, Variance, add_noise, check_feature, per_layer, sigma_for
+from randfeat.outputs import logits_of
 
 __all__ = ["RandomizedFeatureWrapper", "wrap"]
 
@@ -34,38 +35,21 @@ _PREFIX = "model."
 
 
 class _NoiseHook:
-    """A picklable hook that adds noise at one point, only inside its wrapper's forward."""
+    """A picklable feature hook that adds noise at one point, only inside its wrapper's forward."""
 
     def __init__(self, wrapper: RandomizedFeatureWrapper, key: str) -> None:
         self.wrapper = wrapper
         self.key = key
 
-    def perturb(self, feature: object) -> Tensor:
+    def __call__(self, feature: object) -> Tensor | None:
         w = self.wrapper
+        if w._depth == 0:
+            return None
         w._fired.add(self.key)
         feature = check_feature(feature, self.key)
         if not w._noise_on:
             return feature
         return w._perturb(self.key, feature)
-
-
-class _PreHook(_NoiseHook):
-    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-        if self.wrapper._depth == 0:
-            return None
-        if not args:
-            raise TypeError(
-                f"Cannot perturb the input of {self.key!r}: the module was called without a "
-                "positional input. Use the output spec of the module before it instead."
-            )
-        return (self.perturb(args[0]), *args[1:])
-
-
-class _PostHook(_NoiseHook):
-    def __call__(self, module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
-        if self.wrapper._depth == 0:
-            return None
-        return self.perturb(output)
 
 
 class RandomizedFeatureWrapper(nn.Module):
@@ -117,20 +101,16 @@ class RandomizedFeatureWrapper(nn.Module):
         self._nu_given: NuSpec = 0.0
         self._nu: dict[str, Variance] = {}
         self.nu = nu
-        self._handles: list[RemovableHandle] = []
+        self._hooks = Hooks()
         try:
             for p in points:
-                if p.key == "input":
-                    continue  # the wrapper perturbs its own input in forward()
-                if p.where == "input":
-                    self._handles.append(p.module.register_forward_pre_hook(_PreHook(self, p.key)))
-                else:
-                    self._handles.append(p.module.register_forward_hook(_PostHook(self, p.key)))
+                if p.key != "input":  # the wrapper perturbs its own input in forward()
+                    self._hooks.attach(p.module, _NoiseHook(self, p.key), pre=p.where == "input")
         except BaseException:
-            self._remove_hooks()
+            self._hooks.remove()
             raise
-        self._handles.append(self.register_state_dict_post_hook(_strip_prefix))
-        self._handles.append(self.register_load_state_dict_pre_hook(_add_prefix))
+        self._hooks.add(self.register_state_dict_post_hook(_strip_prefix))
+        self._hooks.add(self.register_load_state_dict_pre_hook(_add_prefix))
 
     # ------------------------------------------------------------------ configuration
     @property
@@ -187,7 +167,7 @@ class RandomizedFeatureWrapper(nn.Module):
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
         """The noisy forward: ``model(x)`` with noise at every wrapped point."""
-        if not self._handles:
+        if not self._hooks:
             raise RuntimeError("This wrapper was unwrapped; wrap the model again to use it.")
         self._fired = set()
         self._depth += 1
@@ -235,7 +215,7 @@ class RandomizedFeatureWrapper(nn.Module):
         n = x.shape[0]
         rep = x.repeat_interleave(votes, dim=0) if votes > 1 else x
         bs = batch_size or rep.shape[0]
-        logits = torch.cat([self(chunk) for chunk in rep.split(bs)])
+        logits = torch.cat([logits_of(self(chunk)) for chunk in rep.split(bs)])
         if logits.ndim != 2 or logits.shape[0] != n * votes:
             raise ValueError(
                 f"Expected the model to return logits [N, K], got {tuple(logits.shape)}."
@@ -249,14 +229,9 @@ class RandomizedFeatureWrapper(nn.Module):
         return mean.masked_fill(~top, float("-inf")).argmax(dim=1)
 
     # ------------------------------------------------------------------ detaching
-    def _remove_hooks(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
     def unwrap(self) -> nn.Module:
         """Remove every hook and return the model, which then behaves exactly as before."""
-        self._remove_hooks()
+        self._hooks.remove()
         return self.model
 
     def extra_repr(self) -> str:

@@ -27,6 +27,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from randfeat.outputs import logits_of
+
 Norm = Literal["linf", "l2"]
 Output = Literal["scores", "labels"]
 Model = Callable[[Tensor], Tensor]
@@ -45,8 +47,8 @@ def distance(x: Tensor, x0: Tensor, norm: Norm) -> Tensor:
 def _forward(model: Model, x: Tensor, batch_size: int) -> Tensor:
     with torch.no_grad():
         if x.shape[0] <= batch_size:
-            return model(x)
-        return torch.cat([model(chunk) for chunk in x.split(batch_size)])
+            return logits_of(model(x))
+        return torch.cat([logits_of(model(chunk)) for chunk in x.split(batch_size)])
 
 
 @dataclass(frozen=True)
