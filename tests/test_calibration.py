@@ -321,6 +321,23 @@ def test_no_hooks_are_left_behind(digits: Digits, digits_model: DigitsCNN) -> No
     assert hooks(sqrt_net) == before
 
 
+def test_default_layer_is_penultimate_as_in_wrap() -> None:
+    """An nn.Sequential has no `head`: `calibrate_nu(model, data)` must work like `wrap(model)`."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 2, generator=gen)
+    y = (x[:, 1] > x[:, 0]).long()  # the identity "logits" classify perfectly
+    seq = nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)).eval()
+    with torch.no_grad():
+        for lin in seq:
+            lin.weight.copy_(torch.eye(2))
+            lin.bias.zero_()
+    c = calibrate_nu(seq, (x, y), target_drop=0.05, seed=0, progress=False)
+    assert isinstance(c, Calibration) and c.layers == ("1.pre",)
+    explicit = calibrate_nu(seq, (x, y), "1.pre", 0.05, seed=0, progress=False)
+    assert isinstance(explicit, Calibration) and c.nu == explicit.nu
+    assert randfeat.wrap(seq, **c.wrap_kwargs()).layers == ["1.pre"]
+
+
 # ---------------------------------------------------------------------------- bad input
 @pytest.mark.parametrize(
     ("bad", "error"),

@@ -152,6 +152,19 @@ def test_hooks_removed_when_forward_raises() -> None:
     assert len(m.fc._forward_hooks) == len(m.fc._forward_pre_hooks) == 0
 
 
+def test_default_layer_is_penultimate_as_in_wrap() -> None:
+    """An nn.Sequential has no `head`: the defaults must resolve like `wrap`'s ("penultimate")."""
+    model = TwoLinear(3, 4, seed=1).double().eval()
+    seq = nn.Sequential(nn.Flatten(), model.h, model.head).eval()
+    x = torch.rand(5, 3, dtype=torch.float64)
+    y = model(x).argmax(1)
+    explicit = theorem1_fooling_probability(seq, x, y, "2.pre", nu=0.1, mu=0.01)
+    assert torch.equal(theorem1_fooling_probability(seq, x, y, nu=0.1, mu=0.01), explicit)
+    p, _ = monte_carlo_fooling_probability(seq, x, y, nu=0.1, mu=0.01, samples=50, seed=0)
+    q, _ = monte_carlo_fooling_probability(seq, x, y, "2.pre", nu=0.1, mu=0.01, samples=50, seed=0)
+    assert torch.equal(p, q)
+
+
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 def test_before_after_step_is_the_ratio_at_the_stepped_point(
     digits, digits_model, norm: str

@@ -254,7 +254,7 @@ def calibrate_nu(
 def calibrate_nu(
     model: nn.Module,
     data: Data,
-    layers: str | Sequence[str] = ("head.pre",),
+    layers: str | Sequence[str] = ("penultimate",),
     target_drop: float | Sequence[float] = 0.01,
     *,
     seed: int | None = None,
@@ -271,8 +271,9 @@ def calibrate_nu(
         data: an ``(x, y)`` pair (``x: [N, ...]``, ``y: [N]`` int64 in ``[0, K)``) or an iterable of
             such batches (a DataLoader without shuffling). Moved to the device and floating dtype of
             the model's first parameter or buffer (CPU if none).
-        layers: layer specs as for :func:`randfeat.wrap` (``"head.pre"``, ``"penultimate"``,
-            ``"input"`` = RND, a module name, or several: one shared ν).
+        layers: layer specs as for :func:`randfeat.wrap` (default ``"penultimate"``, the
+            classifier's input; ``"head.pre"``, ``"input"`` = RND, a module name, or several: one
+            shared ν).
         target_drop: absolute accuracy drop (0.02 = two points) in ``(0, base accuracy)``, or a
             sequence of them (one result each, all from the same pass over the data).
         seed: ``None`` draws the calibration noise from OS entropy; an int makes it reproducible.
