@@ -10,6 +10,14 @@ if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating $VENV"
   "$PY" -m venv "$VENV"
 fi
+# KaTeX, which renders the docs' math, comes from npm (package.json / package-lock.json pin it);
+# the docs build copies it into the site, so a page needs no network. Everything else works without npm.
+if ! command -v npm >/dev/null 2>&1; then
+  echo "[setup] npm not found: the docs site needs KaTeX from npm (install Node.js >= 18 and npm)" >&2
+elif [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  echo "[setup] installing the docs' KaTeX into node_modules (npm ci)"
+  npm ci --no-audit --no-fund --loglevel=error
+fi
 STAMP="$VENV/.randfeat-setup"
 if [ -f "$STAMP" ] && [ "$STAMP" -nt pyproject.toml ] && [ "$STAMP" -nt scripts/setup.sh ]; then
   echo "[setup] $VENV is up to date"
