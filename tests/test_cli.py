@@ -1,7 +1,7 @@
-"""Tests for the ``randfeat`` command line (``randfeat.cli``): parsing, settings, errors, exit codes.
+"""Tests for the `randfeat` command line (`randfeat.cli`): parsing, settings, errors, exit codes.
 
-Runs go through :func:`randfeat.cli.main` in-process (a subprocess costs seconds of imports; the
-``python -m randfeat`` and ``torchrun`` paths are exercised in ``tests/eval/test_runner.py``).
+Runs go through `randfeat.cli.main` in-process (a subprocess costs seconds of imports; the
+`python -m randfeat` and `torchrun` paths are exercised in `tests/eval/test_runner.py`).
 """
 
 from __future__ import annotations
@@ -15,9 +15,10 @@ import pytest
 import torch
 from torch import nn
 
-from randfeat import cli
-from randfeat.cli import PRESETS, build_parser, main
-from randfeat.eval.results import load_results
+from randfeat.cli import COMMANDS, build_parser, main
+from randfeat.cli.eval import settings
+from randfeat.eval.grid.presets import PRESETS
+from randfeat.eval.resultfile import read_results
 
 TINY = ["--n-images", "10", "--batch-size", "10", "--defenses", "base", "--attacks", "square-linf",
         "--budgets", "5", "--votes", "1"]  # fmt: skip
@@ -47,9 +48,10 @@ def fails(capsys: Any, *argv: str) -> str:
 # ------------------------------------------------------------ subcommands
 def test_help_and_missing_command(capsys: Any) -> None:
     assert main(["--help"]) == 0
-    out = capsys.readouterr().out
-    for command in ("eval", "report", "demo"):
-        assert command in out
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
+    assert [c.name for c in COMMANDS] == ["eval", "report", "demo"]
+    for command in COMMANDS:
+        assert command.name in out and command.help in out
     assert main(["eval", "--help"]) == 0
     out = capsys.readouterr().out
     for flag in ("--target-drop", "--calib-images", "--fresh-forwards", "--preset", "--config"):
@@ -71,7 +73,10 @@ def test_argparse_errors_exit_2(capsys: Any) -> None:
             ["--attacks", "square-linf,sqare-l2"],
             ["Unknown attack 'sqare-l2'", "'square-l2'", "Valid attacks: square-linf, square-l2"],
         ),
-        (["--data", "mnist"], ["Unknown data set 'mnist'", "digits, cifar10, imagenet"]),
+        (
+            ["--data", "mnist"],
+            ["Unknown data set 'mnist'", "'digits', 'cifar10:PATH', 'imagenet:PATH'"],
+        ),
         (["--defenses", "base,randfeat"], ["Unknown defense 'randfeat'", "base, input, feature"]),
     ],
 )
@@ -178,11 +183,11 @@ def test_config_file_and_flags(capsys: Any, tmp_path: Path, digits_env: None) ->
     assert main(["eval", "--config", str(toml), "--votes", "1", "--out", str(out)]) == 0
     assert capsys.readouterr().err == ""  # quiet = true: no log lines, no bars
     assert (list(log.handlers), log.level, log.propagate) == before  # logging restored
-    header, rows = load_results(out)
-    cfg = header["config"]
+    res = read_results(out)
+    cfg = res.header.config
     assert (cfg["n_images"], cfg["budgets"], cfg["seed"]) == (10, [5, 6], 7)
     assert cfg["votes"] == 1  # the flag wins over the file
-    assert len(rows) == 10 * (1 + 2)
+    assert len(res.rows) == 10 * (1 + 2)
 
 
 def test_config_file_errors(capsys: Any, tmp_path: Path) -> None:
@@ -198,7 +203,7 @@ def test_config_file_errors(capsys: Any, tmp_path: Path) -> None:
 def test_presets_need_a_model_and_their_data(capsys: Any, tmp_path: Path) -> None:
     err = fails(capsys, "eval", "--preset", "paper-imagenet", "--data", f"imagenet:{tmp_path}")
     assert "choose one with --model" in err
-    for m in PRESETS["paper-imagenet"]["models"]:
+    for m in PRESETS["paper-imagenet"].models:
         assert m in err
     err = fails(capsys, "eval", "--preset", "paper-imagenet", "--model", "vgg19")
     assert "needs --data imagenet:PATH" in err
@@ -213,7 +218,7 @@ def test_preset_settings_and_priorities(tmp_path: Path) -> None:
         ["eval", "--config", str(toml), "--model", "resnet50", "--data", "imagenet:/x",
          "--budgets", "200"]
     )  # fmt: skip
-    s = cli._settings(args)
+    s = settings(args)
     assert s["preset"] == "paper-imagenet"
     assert (s["n_images"], s["eps"], s["eps_l2"], s["target_drop"]) == (
         1000,
@@ -226,7 +231,7 @@ def test_preset_settings_and_priorities(tmp_path: Path) -> None:
     assert s["votes"] == 5  # the file over the preset
     assert s["budgets"] == "200"  # the flag over the file
     assert "config" not in s
-    c = cli._settings(
+    c = settings(
         build_parser().parse_args(
             ["eval", "--preset", "paper-cifar10", "--model", "vgg19", "--data", "cifar10:/c"]
         )

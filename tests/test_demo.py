@@ -12,7 +12,9 @@ import pytest
 from randfeat.cli import main
 from randfeat.eval import demo
 from randfeat.eval.models import DigitsCNN
-from randfeat.eval.report import load_results, summarize, to_markdown
+from randfeat.eval.report.render import to_markdown
+from randfeat.eval.report.summary import summarize
+from randfeat.eval.resultfile import read_results
 
 ATTACK_COLUMNS = ["Square ℓ∞ 30", "NES ℓ∞ 30", "SignHunter ℓ∞ 30", "RayS 30", "SignFlip 30"]
 
@@ -32,7 +34,8 @@ def test_demo_end_to_end(
     assert logging.getLogger("randfeat").handlers == handlers  # logging restored
 
     # the file is a real run of the grid: 10 images × 3 defenses × (clean + 5 attacks)
-    header, rows = load_results(out / "results.jsonl")
+    res = read_results(out / "results.jsonl")
+    header, rows = res.header.to_json(), [r.to_json() for r in res.rows]
     assert header["defenses"] == ["base", "input@0.02", "feature@0.02"]
     assert header["config"]["attacks"] == list(demo.DEMO_ATTACKS)
     assert header["config"]["budgets"] == [30]
@@ -47,10 +50,10 @@ def test_demo_end_to_end(
     assert all(r["queries"] <= 30 for r in rows if r["type"] == "attack")
 
     # the printed table is the table of that file, with five attacks and three defenses
-    table_md = to_markdown(summarize(header, rows))
+    table_md = to_markdown(summarize(res.header, res.rows))
     assert table_md in printed
     head = next(line for line in table_md.splitlines() if line.startswith("| Model"))
-    assert [c.strip() for c in head.strip("|").split("|")][6:] == ATTACK_COLUMNS
+    assert [c.strip() for c in head.strip("|").split("|")][6:] == [*ATTACK_COLUMNS, "Worst case 30"]
     labels = [line.split("|")[2].strip() for line in table_md.splitlines() if line.startswith("| ")]
     assert labels == ["Defense", "Base", "Input", "Feature"]
     # it says what it does: model, ε and why, ν per defense, clean accuracy, time

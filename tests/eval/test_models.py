@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from randfeat.eval import models as rf_models
+import randfeat.eval.models.digits as rf_models
 from randfeat.eval.data import Digits
 from randfeat.eval.models import (
     DigitsCNN,

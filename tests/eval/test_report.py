@@ -17,10 +17,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from randfeat.cli import main
-from randfeat.eval import report
-from randfeat.eval.plot import robust_curve
-from randfeat.eval.report import ReportError, load_results, summarize, to_csv, to_markdown
-from randfeat.eval.results import FORMAT, FORMAT_VERSION, RESULT_SCHEMA
+from randfeat.eval.errors import ReportError
+from randfeat.eval.records import Header, Row, row_from_json
+from randfeat.eval.report import summary
+from randfeat.eval.report.plot import plot_curves, robust_curve
+from randfeat.eval.report.render import to_csv, to_markdown
+from randfeat.eval.report.summary import Table, summarize
+from randfeat.eval.resultfile import FORMAT, FORMAT_VERSION, read_results
 
 IMAGES = [11, 22, 33, 44, 55]
 
@@ -28,7 +31,7 @@ IMAGES = [11, 22, 33, 44, 55]
 def _header(
     defenses: list[str], attacks: list[str], budgets: list[int], n: int = len(IMAGES)
 ) -> dict[str, Any]:
-    """A header with the fields of RESULT_SCHEMA["header"] (values made up, consistent)."""
+    """A header record as JSON (values made up, consistent)."""
     calibration = {
         d: {
             "kind": d.partition("@")[0],
@@ -89,7 +92,7 @@ def _header(
         "n_chunks": 1,
         "rows_expected": 0,
     }
-    assert set(header) == set(RESULT_SCHEMA["header"])  # the synthetic file follows the schema
+    Header.from_json(header)  # the synthetic file follows the schema
     return header
 
 
@@ -156,6 +159,15 @@ def _grid() -> tuple[dict[str, Any], list[dict[str, Any]]]:
     return header, rows
 
 
+def typed(header: dict[str, Any], rows: list[dict[str, Any]]) -> tuple[Header, list[Row]]:
+    """The records of the JSON objects, as the reader builds them."""
+    return Header.from_json(header), [row_from_json(r) for r in rows]
+
+
+def table_of(header: dict[str, Any], rows: list[dict[str, Any]]) -> Table:
+    return summarize(*typed(header, rows))
+
+
 def _write(path: Path, records: list[dict[str, Any]]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
     return path
@@ -164,7 +176,7 @@ def _write(path: Path, records: list[dict[str, Any]]) -> Path:
 # ---------------------------------------------------------------------------- tables by hand
 def test_summarize_by_hand() -> None:
     header, rows = _grid()
-    table = summarize(header, rows)
+    table = table_of(header, rows)
     assert [c.label for c in table.columns] == ["Square ℓ∞ 100", "RayS 100"]
     base, inp, feat = table.rows
     assert [r.label for r in table.rows] == ["Base", "Input", "Feature"]
@@ -187,10 +199,17 @@ def test_summarize_by_hand() -> None:
     assert (inp.nu, inp.accuracy, inp.drop) == pytest.approx((0.0125, 0.965, 0.02))
     assert (feat.nu, feat.accuracy, feat.drop) == pytest.approx((2.5, 0.9625, 0.0225))
     assert inp.target_drop == pytest.approx(0.02)
+    # worst case over both attacks: images that survive Square and RayS (see test_markdown)
+    assert table.worst_budgets == (100,)
+    assert base.worst[100].verified == pytest.approx(0.0)
+    assert inp.worst[100].verified == pytest.approx(3 / 5)
+    assert inp.worst[100].fresh == pytest.approx((0.5 + 0.7 + 0.9 + 0.8 + 0.95) / 5)
+    assert feat.worst[100].verified == pytest.approx(3 / 5)
+    assert feat.worst[100].fresh == pytest.approx((0.1 + 0.7 + 0.0 + 1.0 + 1.0) / 5)
 
 
 def test_markdown_by_hand() -> None:
-    md = to_markdown(summarize(*_grid()))
+    md = to_markdown(table_of(*_grid()))
     lines = md.splitlines()
     head = next(line for line in lines if line.startswith("| Model"))
     assert [c.strip() for c in head.strip("|").split("|")] == [
@@ -202,6 +221,7 @@ def test_markdown_by_hand() -> None:
         "Clean",
         "Square ℓ∞ 100",
         "RayS 100",
+        "Worst case 100",
     ]
     body = {
         cells[1]: cells
@@ -218,6 +238,7 @@ def test_markdown_by_hand() -> None:
         "80.0",
         "20.0 / 20.0",
         "20.0 / 20.0",
+        "0.0 / 0.0",  # every image is fooled by one of the two
     ]
     assert body["Input"] == [
         "",
@@ -228,6 +249,8 @@ def test_markdown_by_hand() -> None:
         "60.0",
         "60.0 / 78.0",
         "100.0 / 99.0",
+        # images 2, 3, 5 survive both; fresh: 1 - max over attacks, (0.5+.7+.9+.8+.95) / 5
+        "60.0 / 77.0",
     ]
     assert body["Feature"] == [
         "",
@@ -238,6 +261,7 @@ def test_markdown_by_hand() -> None:
         "100.0",
         "80.0 / 74.0",
         "80.0 / 80.0",
+        "60.0 / 56.0",  # (0.1 + 0.7 + 0 + 1 + 1) / 5
     ]
     # the legend says what the two figures are; the setting line gives ε and the drop
     assert "verified / fresh" in md and "1 − success rate" in md
@@ -252,13 +276,13 @@ def test_several_drops_name_the_target() -> None:
         *_attack("input@0.01", "square-linf", 100, [-1] * 5, [0] * 5),
         *_attack("input@0.02", "square-linf", 100, [-1] * 5, [0] * 5),
     ]
-    table = summarize(header, rows)
+    table = table_of(header, rows)
     assert [r.label for r in table.rows] == ["Base", "Input (≈1%)", "Input (≈2%)"]
     assert "≈1 / ≈2 points" in to_markdown(table)
 
 
 def test_csv_by_hand() -> None:
-    got = list(csv.DictReader(io.StringIO(to_csv(summarize(*_grid())))))
+    got = list(csv.DictReader(io.StringIO(to_csv(table_of(*_grid())))))
     assert [r["defense"] for r in got] == ["base", "input@0.02", "feature@0.02"]
     inp = got[1]
     assert inp["label"] == "Input"
@@ -271,44 +295,73 @@ def test_csv_by_hand() -> None:
     assert inp["Square ℓ∞ 100 n"] == "5"
     assert float(got[2]["RayS 100 verified"]) == pytest.approx(80.0)
     assert got[0]["nu"] == "" and got[0]["drop_pct"] == ""
+    assert float(inp["Worst case 100 verified"]) == pytest.approx(60.0)
+    assert float(inp["Worst case 100 fresh"]) == pytest.approx(77.0)
+    assert inp["Worst case 100 n"] == "5"
 
 
-def test_incomplete_and_repeated_rows(caplog: pytest.LogCaptureFixture) -> None:
+def test_incomplete_rows_are_marked() -> None:
     header, rows = _grid()
     rows = [r for r in rows if not (r.get("defense") == "base" and r["image"] == 55)]
-    rows.append({**rows[-1], "success": True, "success_query": 1})  # a repeat: the first wins
-    rows.append({**rows[0], "correct": False})  # a repeated clean row: the first wins too
-    with caplog.at_level(logging.WARNING):
-        table = summarize(header, rows)
-    assert "2 repeated row" in caplog.text
+    table = table_of(header, rows)
     base, _, feat = table.rows
     assert (base.clean, base.n_clean) == (1.0, 4)  # images 11..44, all correct
-    # base square on 4 images, all fooled: 0%, marked incomplete
+    # base square on 4 images, all fooled: 0%, marked incomplete; so is the worst case
     assert base.cells[("square-linf", 100)].n == 4
     assert base.cells[("square-linf", 100)].verified == pytest.approx(0.0)
+    assert base.worst[100].n == 4
     assert feat.cells[("rays", 100)].verified == pytest.approx(4 / 5)
     md = to_markdown(table)
     assert "0.0 / 0.0*" in md
     assert "* incomplete" in md and "Base / Square ℓ∞ 100: 4 of 5" in md
+    assert "Base / Worst case 100: 4 of 5" in md
+
+
+def test_repeated_rows_are_refused_and_named(tmp_path: Path, capsys: Any) -> None:
+    header, rows = _grid()
+    rows.append({**rows[-1], "success": True, "success_query": 1})  # image 55, feature, rays
+    rows.append({**rows[0], "correct": False})  # image 11, base, clean
+    with pytest.raises(ReportError) as err:
+        table_of(header, rows)
+    msg = str(err.value)
+    assert "2 repeated row(s)" in msg
+    assert "(image 55, defense feature@0.02, attack rays, budget 100): 2 rows" in msg
+    assert "(image 11, defense base): 2 rows" in msg
+    assert "Rerun `randfeat eval`" in msg
+    path = _write(tmp_path / "dupes.jsonl", [header, *rows])
+    assert main(["report", str(path)]) == 2
+    err_text = capsys.readouterr().err
+    assert "dupes.jsonl" in err_text and "repeated row" in err_text
+
+
+def test_one_attack_has_no_worst_case_column() -> None:
+    header = _header(["base"], ["square-linf"], [100, 200])
+    rows = [
+        *_attack("base", "square-linf", 100, [1, -1, -1, -1, -1], [1, 0, 0, 0, 0]),
+        *_attack("base", "square-linf", 200, [1, 150, -1, -1, -1], [1, 1, 0, 0, 0]),
+    ]
+    table = table_of(header, rows)
+    assert table.worst_budgets == () and table.rows[0].worst == {}
+    assert "Worst case" not in to_markdown(table)
 
 
 def test_attack_labels() -> None:
-    assert report.attack_label("square-linf") == "Square ℓ∞"
-    assert report.attack_label("nes-l2") == "NES ℓ2"
-    assert report.attack_label("signhunter-linf") == "SignHunter ℓ∞"
-    assert report.attack_label("rays") == "RayS"
-    assert report.attack_label("signflip") == "SignFlip"
-    assert report.attack_label("eot-square-linf", 5) == "EOT-5 Square ℓ∞"
-    assert report.defense_label("aaa", True) == "AAA"
-    assert report.defense_label("feature@0.04", True) == "Feature (≈4%)"
-    assert report.defense_label("feature@0.04", False) == "Feature"
+    assert summary.attack_label("square-linf") == "Square ℓ∞"
+    assert summary.attack_label("nes-l2") == "NES ℓ2"
+    assert summary.attack_label("signhunter-linf") == "SignHunter ℓ∞"
+    assert summary.attack_label("rays") == "RayS"
+    assert summary.attack_label("signflip") == "SignFlip"
+    assert summary.attack_label("eot-square-linf", 5) == "EOT-5 Square ℓ∞"
+    assert summary.defense_label("aaa", True) == "AAA"
+    assert summary.defense_label("feature@0.04", True) == "Feature (≈4%)"
+    assert summary.defense_label("feature@0.04", False) == "Feature"
 
 
 def test_combine_two_models() -> None:
     h1, r1 = _grid()
     h2, r2 = _grid()
     h2["model"]["name"] = "other-cnn"
-    table = report.combine([summarize(h1, r1), summarize(h2, r2)])
+    table = summary.combine([table_of(h1, r1), table_of(h2, r2)])
     assert [r.model for r in table.rows] == ["digits-cnn"] * 3 + ["other-cnn"] * 3
     md = to_markdown(table)
     assert "| other-cnn  | Base" in md and "| digits-cnn | Base" in md
@@ -318,7 +371,9 @@ def test_combine_two_models() -> None:
 def test_robust_curve_by_hand() -> None:
     _, rows = _grid()
     base_square = [
-        r for r in rows if r.get("defense") == "base" and r.get("attack") == "square-linf"
+        row_from_json(r)
+        for r in rows
+        if r.get("defense") == "base" and r.get("attack") == "square-linf"
     ]
     # fooled at queries 3, 10, 50, 1 (one never): RA(q) = 1 - #{sq <= q} / 5
     assert robust_curve(base_square, [0, 1, 2, 3, 9, 10, 49, 50, 100]) == pytest.approx(
@@ -339,10 +394,10 @@ def test_curve_ends_at_the_verified_figure(data: list[tuple[int, float]]) -> Non
     n = len(data)
     header = _header(["base"], ["square-linf"], [50], n=n)
     rows = _attack("base", "square-linf", 50, sq, fresh)
-    cell = summarize(header, rows).rows[0].cells[("square-linf", 50)]
+    cell = table_of(header, rows).rows[0].cells[("square-linf", 50)]
     assert cell.verified == pytest.approx(1 - sum(q > 0 for q in sq) / n)
     assert cell.fresh == pytest.approx(1 - sum(fresh) / n)
-    curve = robust_curve(rows, list(range(51)))
+    curve = robust_curve(typed(header, rows)[1], list(range(51)))  # type: ignore[arg-type]
     assert curve[0] == 1.0
     assert all(a >= b for a, b in itertools.pairwise(curve))  # non-increasing
     assert curve[-1] == pytest.approx(cell.verified)
@@ -360,7 +415,7 @@ def _png_size(path: Path) -> tuple[int, int]:
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     header, rows = _grid()
-    path = report.plot_curves(header, rows, tmp_path / "sub" / "curves.png")
+    path = plot_curves(*typed(header, rows), tmp_path / "sub" / "curves.png")
     assert path == tmp_path / "sub" / "curves.png"
     width, height = _png_size(path)
     assert width > 1000 and height > 500
@@ -369,37 +424,39 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
 def test_plot_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     with pytest.raises(ImportError, match=r'pip install "randfeat\[plot\]"'):
-        report.plot_curves(*_grid(), tmp_path / "x.png")
+        plot_curves(*typed(*_grid()), tmp_path / "x.png")
 
 
 def test_plot_without_attack_rows(tmp_path: Path) -> None:
     header, rows = _grid()
     with pytest.raises(ReportError, match="no attack rows"):
-        report.plot_curves(header, [r for r in rows if r["type"] == "clean"], tmp_path / "x.png")
+        clean = [r for r in rows if r["type"] == "clean"]
+        plot_curves(*typed(header, clean), tmp_path / "x.png")
 
 
 # ---------------------------------------------------------------------------- bad input
 def test_load_round_trip(tmp_path: Path) -> None:
     header, rows = _grid()
-    got_header, got_rows = load_results(_write(tmp_path / "r.jsonl", [header, *rows]))
-    assert got_header == header and got_rows == rows
+    res = read_results(_write(tmp_path / "r.jsonl", [header, *rows]))
+    assert res.header.to_json() == header and [r.to_json() for r in res.rows] == rows
+    assert len(res.clean) == 15 and len(res.attacks) == 30
 
 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ReportError, match="does not exist"):
-        load_results(tmp_path / "nope.jsonl")
+        read_results(tmp_path / "nope.jsonl")
 
 
 def test_empty_file(tmp_path: Path) -> None:
     (tmp_path / "e.jsonl").write_text("\n\n", encoding="utf-8")
     with pytest.raises(ReportError, match="is empty"):
-        load_results(tmp_path / "e.jsonl")
+        read_results(tmp_path / "e.jsonl")
 
 
 def test_no_header(tmp_path: Path) -> None:
     _, rows = _grid()
     with pytest.raises(ReportError, match="has no header"):
-        load_results(_write(tmp_path / "h.jsonl", rows))
+        read_results(_write(tmp_path / "h.jsonl", rows))
 
 
 def test_corrupt_line(tmp_path: Path) -> None:
@@ -409,7 +466,7 @@ def test_corrupt_line(tmp_path: Path) -> None:
     lines[3] = lines[3][:20]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     with pytest.raises(ReportError, match=r"line 4: not valid JSON"):
-        load_results(path)
+        read_results(path)
 
 
 def test_cut_off_last_line_is_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -418,23 +475,26 @@ def test_cut_off_last_line_is_skipped(tmp_path: Path, caplog: pytest.LogCaptureF
     text = path.read_text(encoding="utf-8")
     path.write_text(text + json.dumps(rows[0])[:30], encoding="utf-8")  # a run still writing
     with caplog.at_level(logging.WARNING):
-        _, got = load_results(path)
-    assert got == rows and "cut-off last line" in caplog.text
+        got = read_results(path).rows
+    assert [r.to_json() for r in got] == rows and "cut-off last line" in caplog.text
 
 
 def test_not_an_object_and_other_format(tmp_path: Path) -> None:
     header, rows = _grid()
     with pytest.raises(ReportError, match="line 2: expected a JSON object"):
-        load_results(_write(tmp_path / "a.jsonl", [header, [1, 2], *rows]))  # type: ignore[list-item]
+        read_results(_write(tmp_path / "a.jsonl", [header, [1, 2], *rows]))  # type: ignore[list-item]
     with pytest.raises(ReportError, match="format 'randfeat-eval' version 99"):
-        load_results(_write(tmp_path / "v.jsonl", [{**header, "format_version": 99}]))
+        read_results(_write(tmp_path / "v.jsonl", [{**header, "format_version": 99}]))
 
 
-def test_row_without_a_needed_field() -> None:
+def test_row_without_a_needed_field(tmp_path: Path) -> None:
     header, rows = _grid()
     del rows[20]["fresh"]
-    with pytest.raises(ReportError, match=r"lacks field.*fresh"):
-        summarize(header, rows)
+    with pytest.raises(ReportError, match=r"line 22: The attack record lacks field\(s\) fresh"):
+        read_results(_write(tmp_path / "f.jsonl", [header, *rows]))
+    rows[20]["fresh"] = "high"
+    with pytest.raises(ReportError, match=r"line 22: Expected `attack.fresh` to be float"):
+        read_results(_write(tmp_path / "f.jsonl", [header, *rows]))
 
 
 # ---------------------------------------------------------------------------- the command
@@ -446,8 +506,8 @@ def test_cli_report(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(path), "--out", str(out), "--plot"]) == 0
     printed = capsys.readouterr().out
     assert "60.0 / 78.0" in printed and "Square ℓ∞ 100" in printed
-    assert (out / "grid.md").read_text(encoding="utf-8") == to_markdown(summarize(header, rows))
-    assert (out / "grid.csv").read_text(encoding="utf-8") == to_csv(summarize(header, rows))
+    assert (out / "grid.md").read_text(encoding="utf-8") == to_markdown(table_of(header, rows))
+    assert (out / "grid.csv").read_text(encoding="utf-8") == to_csv(table_of(header, rows))
     _png_size(out / "grid.png")
     # default: beside the result file; --format picks the files
     assert main(["report", str(path), "--format", "csv"]) == 0

@@ -1,4 +1,4 @@
-"""Tests for the evaluation runner (``randfeat.eval.runner``) through ``randfeat eval``.
+"""Tests for the evaluation grid (`randfeat.eval.grid`) through `randfeat eval`.
 
 One small grid (20 digits, chunks of 4, budgets 20/50, votes 3) is run once in-process as the
 reference; the resume-after-SIGKILL, torchrun and repair tests must reproduce its rows exactly
@@ -8,6 +8,7 @@ are several times slower, and the results do not depend on it.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -28,12 +29,19 @@ from torch import nn
 
 import randfeat
 from randfeat.cli import main
-from randfeat.eval import results, runner
-from randfeat.eval.attacks.base import Attack
-from randfeat.eval.attacks.eot import EOT
-from randfeat.eval.config import ATTACKS, ConfigError, EvalConfig, derive_seed, make_attack
 from randfeat.eval.data import digits
-from randfeat.eval.results import RESULT_SCHEMA, TIMING_FIELDS, config_differences, load_results
+from randfeat.eval.errors import ConfigError
+from randfeat.eval.grid.config import EvalConfig, derive_seed
+from randfeat.eval.records import AttackRow, CleanRow
+from randfeat.eval.resultfile import (
+    FORMAT_VERSION,
+    NON_RESULT_SETTINGS,
+    TIMING_FIELDS,
+    ResultWriter,
+    complete_units,
+    config_differences,
+    read_results,
+)
 from randfeat.wrapper import RandomizedFeatureWrapper
 
 # The shared grid: 3 defenses x (1 clean + 2 attacks x 2 budgets) x 5 chunks = 75 units, 300 rows.
@@ -55,6 +63,12 @@ N_ROWS = 20 * 3 * (1 + 2 * 2)
 
 
 # ------------------------------------------------------------ helpers
+def load_results(path: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The header and rows of a result file as the JSON objects the file holds (typed reader)."""
+    res = read_results(path)
+    return res.header.to_json(), [r.to_json() for r in res.rows]
+
+
 def rows_of(path: Path) -> list[str]:
     """The rows of a result file (header excluded) as canonical JSON without timing fields."""
     _, rows = load_results(path)
@@ -104,7 +118,7 @@ def run_cli(*args: str) -> int:
 def test_reference_file_is_complete_and_consistent(reference: Path) -> None:
     header, rows = load_results(reference)
     cfg = header["config"]
-    assert header["format_version"] == runner.FORMAT_VERSION
+    assert header["format_version"] == FORMAT_VERSION
     assert header["rows_expected"] == N_ROWS == len(rows)
     assert set(header["versions"]) >= {"randfeat", "torch", "timm"}
     assert header["eps"] == {"linf": 0.2, "l2": 1.5, "source": "digits default"}
@@ -125,11 +139,12 @@ def test_reference_file_is_complete_and_consistent(reference: Path) -> None:
         assert c["drop"] == pytest.approx(c["base_accuracy"] - c["accuracy"])
     assert header["calibration"]["input@0.05"]["layers"] == ["input"]
     assert header["calibration"]["feature@0.05"]["layers"] == ["head.pre"]
-    # every (image, defense, attack, budget) exactly once, with the schema's fields
+    # every (image, defense, attack, budget) exactly once, with the record's fields
     keys = [(r["image"], r["defense"], r.get("attack"), r.get("budget")) for r in rows]
     assert len(set(keys)) == len(keys)
+    fields = {"clean": CleanRow, "attack": AttackRow}
     for r in rows:
-        assert set(r) == set(RESULT_SCHEMA[r["type"]])
+        assert set(r) == {"type", *(f.name for f in dataclasses.fields(fields[r["type"]]))}
         assert r["chunk"] == attacked.index(r["image"]) // 4
     attack_rows = [r for r in rows if r["type"] == "attack"]
     assert len(attack_rows) == 20 * 3 * 2 * 2
@@ -294,12 +309,11 @@ def test_damaged_tail_is_dropped_and_recomputed(reference: Path, tmp_path: Path)
     out.write_bytes(b"".join(lines[:-2]) + lines[-2][:17])
     assert run_cli(*ARGS, "--out", str(out)) == 0
     assert rows_of(out) == rows_of(reference)
-    # a corrupt (complete) last line is ignored and rewritten as well
-    out.write_bytes(b"".join(lines[:-3]) + b'{"type": "attack", "ima\n')
-    assert run_cli(*ARGS, "--out", str(out)) == 0
-    assert rows_of(out) == rows_of(reference)
     text = out.read_text()
     assert text.endswith("\n") and all(json.loads(s) for s in text.splitlines())
+    # a whole last line (it ends with a newline) is no crash mid-write: a corrupt one is refused
+    out.write_bytes(b"".join(lines[:-3]) + b'{"type": "attack", "ima\n')
+    assert run_cli(*ARGS, "--out", str(out)) == 2
 
 
 def test_corrupt_line_in_the_middle_is_refused(
@@ -310,7 +324,7 @@ def test_corrupt_line_in_the_middle_is_refused(
     out.write_bytes(b"".join([*lines[:5], b"{oops\n", *lines[5:]]))
     assert run_cli(*ARGS, "--out", str(out)) == 2
     err = capsys.readouterr().err
-    assert "line 6 is not valid JSON" in err and "Traceback" not in err
+    assert "line 6: not valid JSON" in err and "Traceback" not in err
 
 
 def test_a_foreign_file_is_refused(cache_env: dict[str, str], tmp_path: Path, capsys: Any) -> None:
@@ -332,12 +346,13 @@ def test_any_truncation_keeps_exactly_the_complete_units(reference: Path, cut: f
     at = header_end + int(cut * (len(data) - header_end))
     path = reference.parent / "cut.jsonl"
     path.write_bytes(data[:at])
-    records, damaged = results._read_records(path)
-    header, rows = records[0], records[1:]
+    full = read_results(reference)
+    existing, damaged = ResultWriter(path).existing(full.header.config)
+    assert existing is not None
     assert damaged == (at > header_end and data[at - 1 : at] != b"\n")
-    done, kept = results._complete_units(header, 4, rows)
-    _, full = load_results(reference)
-    assert kept == full[: len(kept)]  # units are written whole, so kept rows form a prefix
+    rows = existing.rows
+    done, kept = complete_units(existing.header, 4, rows)
+    assert tuple(kept) == full.rows[: len(kept)]  # units are written whole: kept rows are a prefix
     assert len(kept) == 4 * len(done)  # chunks of 4 images
     assert len(kept) >= len(rows) - 4  # at most one unit (the cut one) is lost
 
@@ -418,7 +433,7 @@ def test_config_defaults_depend_on_the_data() -> None:
     [
         ({"attacks": "square-linf,squar-l2"}, "Did you mean 'square-l2'"),
         ({"defenses": "base,features"}, "Did you mean 'feature'"),
-        ({"data": "digitz"}, "Valid data sets: digits, cifar10, imagenet"),
+        ({"data": "digitz"}, "Valid --data values: 'digits', 'cifar10:PATH', 'imagenet:PATH'"),
         ({"data": "imagenet"}, "needs a local path"),
         ({"budgets": "10,0"}, "ints >= 1"),
         ({"budgets": "10,10"}, "without duplicates"),
@@ -429,8 +444,9 @@ def test_config_defaults_depend_on_the_data() -> None:
         ({"seed": True}, "`seed`"),
         ({"quiet": "yes"}, "true or false"),
         ({"n_imgs": 3}, "Did you mean 'n_images'"),
-        ({"model": "resnet50"}, "--data digits (1×8×8 images) needs --model digits-cnn"),
-        ({"data": "cifar10:/x"}, "--model digits-cnn takes 8×8 digits only"),
+        ({"model": "resnet50"}, "--data digits needs --model digits-cnn"),
+        ({"data": "cifar10:/x"}, "--model digits-cnn takes --data digits only"),
+        ({"pretrained": True}, "--pretrained does not apply to digits-cnn"),
         ({"model": "resnt50"}, "Did you mean 'resnet50'"),
     ],
 )
@@ -457,25 +473,12 @@ def test_derive_seed_is_stable_and_separates_units() -> None:
     assert derive_seed(0, "a") == int.from_bytes(hashlib.sha256(b'[0,"a"]').digest()[:8]) >> 1
 
 
-@pytest.mark.parametrize("name", ATTACKS)
-def test_every_attack_name_builds_its_attack(name: str) -> None:
-    atk = make_attack(name, 0.2, 1.5, 3)
-    assert isinstance(atk, Attack)
-    assert atk.norm == ("l2" if name.endswith("-l2") else "linf")
-    assert atk.eps == (1.5 if name.endswith("-l2") else 0.2)
-    assert isinstance(atk, EOT) == name.startswith("eot-")
-    if isinstance(atk, EOT):
-        assert atk.m == 3
-
-
-def test_schema_documents_every_written_field() -> None:
-    assert set(RESULT_SCHEMA) == {"header", "clean", "attack"}
-    assert set(RESULT_SCHEMA["attack"]) & set(RESULT_SCHEMA["clean"]) >= TIMING_FIELDS
-    assert set(runner.NON_RESULT_SETTINGS) <= set(EvalConfig.keys())
+def test_settings_not_compared_are_settings() -> None:
+    assert set(NON_RESULT_SETTINGS) <= set(EvalConfig.keys())
 
 
 def test_load_results_rejects_a_headerless_file(tmp_path: Path) -> None:
     p = tmp_path / "x.jsonl"
     p.write_text('{"type": "attack"}\n')
     with pytest.raises(ConfigError, match="no header"):
-        load_results(p)
+        read_results(p)

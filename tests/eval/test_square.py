@@ -416,7 +416,7 @@ def test_schedule_follows_n_calls_under_eot() -> None:
     x = torch.full((2, 1, 6, 6), 0.5)
     y = torch.zeros(2, dtype=torch.long)
     model = Counting(constant_model())
-    res = Square(0.1)._run(model, x, y, 30, 9, 0, None, samples=3)
+    res = Square(0.1).run(model, x, y, 30, 9, 0, samples=3)
     assert model.calls == 10 and bool((res.queries == 30).all())
 
 

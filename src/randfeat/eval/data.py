@@ -2,17 +2,17 @@
 
 The paper (Nguyen Minh et al., "Randomized feature defense", §5 and appendix D) evaluates on "1000
 images that contain every class from the studied dataset", each class of equal size:
-:func:`balanced_subset` draws such a subset with a seeded generator, optionally disjoint from other
+`balanced_subset` draws such a subset with a seeded generator, optionally disjoint from other
 indices (the calibration images must not be the attacked ones).
 
-:func:`digits` is the offline default: scikit-learn's bundled 8×8 handwritten digits (1,797 real
+`digits` is the offline default: scikit-learn's bundled 8×8 handwritten digits (1,797 real
 images, shipped inside the scikit-learn wheel, so nothing is downloaded), split once into a fixed,
-class-stratified train/test split. The real-data loaders :func:`load_cifar10` and
-:func:`load_image_folder` read local files only and never download; they return images in
-``[0, 1]`` without normalisation, because the models of :mod:`randfeat.eval.models` fold their own
+class-stratified train/test split. The real-data loaders `load_cifar10` and
+`load_image_folder` read local files only and never download; they return images in
+`[0, 1]` without normalisation, because the models of `randfeat.eval.models` fold their own
 normalisation in.
 
-scikit-learn and torchvision are optional (the ``eval`` extra) and imported lazily.
+scikit-learn and torchvision are optional (the `eval` extra) and imported lazily.
 """
 
 from __future__ import annotations
@@ -44,11 +44,11 @@ _EVAL_EXTRA_HINT = 'Install the evaluation extra: pip install "randfeat[eval]".'
 DIGITS_TEST_FRACTION = 0.3
 """Fraction of the 1,797 digits held out as the test split (540 images, 1,257 for training)."""
 DIGITS_SPLIT_SEED = 0
-"""``random_state`` of the stratified split: fixed, so every call returns the same split."""
+"""`random_state` of the stratified split: fixed, so every call returns the same split."""
 
 
 def _require(module: str) -> Any:
-    """Import an optional dependency of the ``eval`` extra, or raise an ImportError with the fix."""
+    """Import an optional dependency of the `eval` extra, or raise an ImportError with the fix."""
     import importlib
 
     try:
@@ -65,11 +65,11 @@ class Digits:
     """The embedded digits data set, split into train and test.
 
     Attributes:
-        x_train: ``[N_train, 1, 8, 8]`` float32 in ``[0, 1]`` (1,257 images).
-        y_train: ``[N_train]`` int64 labels in ``0..9``.
-        x_test: ``[N_test, 1, 8, 8]`` float32 in ``[0, 1]`` (540 images).
-        y_test: ``[N_test]`` int64 labels in ``0..9``.
-        classes: number of classes ``K``.
+        x_train: `[N_train, 1, 8, 8]` float32 in `[0, 1]` (1,257 images).
+        y_train: `[N_train]` int64 labels in `0..9`.
+        x_test: `[N_test, 1, 8, 8]` float32 in `[0, 1]` (540 images).
+        y_test: `[N_test]` int64 labels in `0..9`.
+        classes: number of classes `K`.
     """
 
     x_train: Tensor
@@ -82,15 +82,15 @@ class Digits:
 def digits() -> Digits:
     """Load scikit-learn's bundled 8×8 digits with a fixed, class-stratified 70/30 split.
 
-    Pixel values ``0..16`` are divided by 16 to lie in ``[0, 1]``. The split is
-    ``train_test_split(test_size=0.3, stratify=y, random_state=0)``, so every call returns equal
+    Pixel values `0..16` are divided by 16 to lie in `[0, 1]`. The split is
+    `train_test_split(test_size=0.3, stratify=y, random_state=0)`, so every call returns equal
     tensors (fresh copies: mutating them does not affect later calls).
 
     Returns:
-        The :class:`Digits` split: ``x_*: [N, 1, 8, 8]`` float32 in ``[0, 1]``, ``y_*: [N]`` int64.
+        The `Digits` split: `x_*: [N, 1, 8, 8]` float32 in `[0, 1]`, `y_*: [N]` int64.
 
     Raises:
-        ImportError: scikit-learn is not installed (fix: ``pip install "randfeat[eval]"``).
+        ImportError: scikit-learn is not installed (fix: `pip install "randfeat[eval]"`).
     """
     datasets = _require("sklearn.datasets")
     model_selection = _require("sklearn.model_selection")
@@ -116,25 +116,25 @@ def balanced_subset(
     seed: int,
     exclude: Tensor | Sequence[int] | None = None,
 ) -> Tensor:
-    """Draw a class-balanced random subset: ``n / K`` indices of each of the ``K`` classes.
+    """Draw a class-balanced random subset: `n / K` indices of each of the `K` classes.
 
     As in the paper (§5: "1000 images that contain every class ... each of which has equal size"),
-    every class present in ``y`` gets exactly ``n // K`` indices, drawn uniformly without
-    replacement by a ``torch.Generator`` seeded with ``seed``. Indices in ``exclude`` are never
+    every class present in `y` gets exactly `n // K` indices, drawn uniformly without
+    replacement by a `torch.Generator` seeded with `seed`. Indices in `exclude` are never
     drawn, which keeps e.g. calibration images disjoint from attacked images.
 
     Args:
-        y: ``[M]`` integer labels of the pool to draw from.
-        n: subset size, a positive multiple of the number of classes ``K`` in ``y``.
+        y: `[M]` integer labels of the pool to draw from.
+        n: subset size, a positive multiple of the number of classes `K` in `y`.
         seed: seed of the local generator (the global RNG is not touched).
-        exclude: indices into ``y`` that must not be drawn (duplicates allowed).
+        exclude: indices into `y` that must not be drawn (duplicates allowed).
 
     Returns:
-        ``[n]`` int64 indices into ``y``, sorted by class, then by random draw order.
+        `[n]` int64 indices into `y`, sorted by class, then by random draw order.
 
     Raises:
-        ValueError: ``y`` is not a 1-D integer vector, ``n`` is not a positive multiple of ``K``,
-            ``exclude`` holds an index outside ``[0, M)``, or a class has fewer than ``n / K``
+        ValueError: `y` is not a 1-D integer vector, `n` is not a positive multiple of `K`,
+            `exclude` holds an index outside `[0, M)`, or a class has fewer than `n / K`
             available (non-excluded) samples; the message lists the available count per class.
     """
     labels = torch.as_tensor(y)
@@ -224,23 +224,23 @@ def _image_transform(image_size: int | None, crop: bool) -> Any:
 
 
 def load_image_folder(path: str | os.PathLike[str], *, image_size: int = 224) -> Dataset[Any]:
-    """Load a local ``root/<class>/<image>`` directory (e.g. the ImageNet validation set).
+    """Load a local `root/<class>/<image>` directory (e.g. the ImageNet validation set).
 
-    Images are resized (short side) to ``image_size``, centre-cropped to ``image_size × image_size``
-    and converted to ``[3, image_size, image_size]`` float32 in ``[0, 1]``; no normalisation (the
-    model returned by :func:`randfeat.eval.models.load_timm` normalises itself). Class indices
-    follow torchvision's ``ImageFolder``: sorted folder names.
+    Images are resized (short side) to `image_size`, centre-cropped to `image_size × image_size`
+    and converted to `[3, image_size, image_size]` float32 in `[0, 1]`; no normalisation (the
+    model returned by `randfeat.eval.models.load_timm` normalises itself). Class indices
+    follow torchvision's `ImageFolder`: sorted folder names.
 
     Args:
         path: root directory with one sub-directory per class.
         image_size: side of the square output images.
 
     Returns:
-        A ``torchvision.datasets.ImageFolder`` yielding ``(x: [3, S, S], y: int)``.
+        A `torchvision.datasets.ImageFolder` yielding `(x: [3, S, S], y: int)`.
 
     Raises:
-        FileNotFoundError: ``path`` is not a directory, or it holds no images.
-        ImportError: torchvision is not installed (fix: ``pip install "randfeat[eval]"``).
+        FileNotFoundError: `path` is not a directory, or it holds no images.
+        ImportError: torchvision is not installed (fix: `pip install "randfeat[eval]"`).
     """
     root = _check_dir(path, "path")
     datasets = _require("torchvision.datasets")
@@ -259,22 +259,22 @@ def load_cifar10(
 ) -> Dataset[Any]:
     """Load CIFAR-10 from a local copy of the python batches; never downloads.
 
-    ``path`` is the directory that contains ``cifar-10-batches-py/`` (as torchvision expects).
-    Images are ``[3, 32, 32]`` float32 in ``[0, 1]`` (resized to ``image_size × image_size`` if
+    `path` is the directory that contains `cifar-10-batches-py/` (as torchvision expects).
+    Images are `[3, 32, 32]` float32 in `[0, 1]` (resized to `image_size × image_size` if
     given), without normalisation.
 
     Args:
-        path: directory holding ``cifar-10-batches-py``.
+        path: directory holding `cifar-10-batches-py`.
         train: the 50,000 training images instead of the 10,000 test images.
         image_size: optional side to resize to (e.g. 224 for ImageNet-pretrained models).
 
     Returns:
-        A ``torchvision.datasets.CIFAR10`` yielding ``(x: [3, S, S], y: int)``.
+        A `torchvision.datasets.CIFAR10` yielding `(x: [3, S, S], y: int)`.
 
     Raises:
         FileNotFoundError: the batches are missing, corrupt or unreadable; the message names the
             path and how to get the files.
-        ImportError: torchvision is not installed (fix: ``pip install "randfeat[eval]"``).
+        ImportError: torchvision is not installed (fix: `pip install "randfeat[eval]"`).
     """
     root = _check_dir(path, "path")
     datasets = _require("torchvision.datasets")
@@ -303,15 +303,15 @@ def materialize(
     """Read a subset of a dataset into memory as tensors.
 
     Args:
-        dataset: a map-style dataset yielding ``(x: [C, H, W], y: int)``.
-        indices: which items to read (default: all), e.g. from :func:`balanced_subset`.
+        dataset: a map-style dataset yielding `(x: [C, H, W], y: int)`.
+        indices: which items to read (default: all), e.g. from `balanced_subset`.
 
     Returns:
-        ``(x, y)``: ``x: [n, C, H, W]`` stacked images and ``y: [n]`` int64 labels, in the order
-        of ``indices``.
+        `(x, y)`: `x: [n, C, H, W]` stacked images and `y: [n]` int64 labels, in the order
+        of `indices`.
 
     Raises:
-        ValueError: ``indices`` is empty or not 1-D.
+        ValueError: `indices` is empty or not 1-D.
     """
     if indices is None:
         idx = list(range(len(dataset)))  # type: ignore[arg-type]

@@ -1,13 +1,13 @@
-"""``randfeat demo``: the paper's comparison, end to end, on the embedded digits in a few minutes.
+"""`randfeat demo`: the paper's comparison, end to end, on the embedded digits in a few minutes.
 
 A small version of Tables 1, 2 and 5 of Nguyen et al., "Understanding the Robustness of Randomized
 Feature Defense Against Query-Based Adversarial Attacks" (ICLR 2024): the digits CNN, undefended
 (Base), with RND (Input: Gaussian noise on the pixels) and with the randomized feature defense
-(Feature: Gaussian noise on the penultimate features, ``head.pre``), both calibrated to the same
+(Feature: Gaussian noise on the penultimate features, `head.pre`), both calibrated to the same
 ≈2-point drop in clean accuracy (§5 protocol), attacked by Square, NES and SignHunter (ℓ∞,
 score-based) and RayS and SignFlip (decision-based). Everything is run, nothing is stored: the demo
-builds an :class:`~randfeat.eval.runner.EvalConfig`, calls :func:`~randfeat.eval.runner.run_eval`
-(the same grid as ``randfeat eval``) and prints the table of :mod:`randfeat.eval.report`.
+builds an `EvalConfig`, calls `run_eval`
+(the same grid as `randfeat eval`) and prints the table of `randfeat.eval.report`.
 """
 
 from __future__ import annotations
@@ -20,25 +20,34 @@ import sys
 import tempfile
 import textwrap
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import torch
 
-from randfeat.eval.report import load_results, summarize, to_markdown, write_report
-from randfeat.eval.runner import PAPER_EPS, ConfigError, EvalConfig, run_eval
+from randfeat.eval.datasets import PAPER_EPS
+from randfeat.eval.errors import ConfigError
+from randfeat.eval.grid.config import EvalConfig
+from randfeat.eval.grid.presets import PAPER_ATTACKS
+from randfeat.eval.grid.runner import run_eval
+from randfeat.eval.records import CleanRow, Header, Row
+from randfeat.eval.report.files import write_report
+from randfeat.eval.report.render import to_markdown
+from randfeat.eval.report.summary import summarize
+from randfeat.eval.resultfile import read_results
 
 __all__ = ["DEMO_ATTACKS", "DEMO_TARGET_DROP", "demo_config", "run_demo"]
 
-DEMO_ATTACKS = ("square-linf", "nes-linf", "signhunter-linf", "rays", "signflip")
+DEMO_ATTACKS = PAPER_ATTACKS
 """The paper's five attacks (§5): three score-based (ℓ∞), two decision-based."""
 DEMO_TARGET_DROP = 0.02
 """Both randomized defenses cost ≈2 points of clean accuracy (Table 2's smaller drop)."""
 DEMO_LAYER = "head.pre"
-"""The digits CNN's penultimate features: the input of its classifier ``head`` (128 features)."""
+"""The digits CNN's penultimate features: the input of its classifier `head` (128 features)."""
 CLASSES = 10
 DEMO_THREADS = 1
-"""torch intra-op threads during the demo unless ``OMP_NUM_THREADS`` is set. The digits CNN's
+"""torch intra-op threads during the demo unless `OMP_NUM_THREADS` is set. The digits CNN's
 forwards are batches of 8×8 images, too small to split across threads: on a busy 2-core machine a
 forward of 100 digits took 25–45 ms on 1 thread and 195–290 ms on 2 (measured while writing this)."""
 
@@ -49,7 +58,7 @@ def demo_config(
     """The demo's evaluation: digits CNN; Base, Input, Feature at a 2-point drop; five attacks.
 
     Raises:
-        ConfigError: ``n_images`` is not a positive multiple of 10 (a class-balanced subset), or
+        ConfigError: `n_images` is not a positive multiple of 10 (a class-balanced subset), or
             another bad value.
     """
     if isinstance(n_images, bool) or not isinstance(n_images, int) or n_images < CLASSES:
@@ -82,7 +91,7 @@ def demo_config(
 
 
 class _Elapsed(logging.Formatter):
-    """``[  12s] message``: seconds since the demo started."""
+    """`[  12s] message`: seconds since the demo started."""
 
     def __init__(self, t0: float) -> None:
         super().__init__()
@@ -93,7 +102,7 @@ class _Elapsed(logging.Formatter):
 
 
 class _Logging:
-    """Route the runner's progress to ``stream`` for the demo, then restore logging as it was."""
+    """Route the runner's progress to `stream` for the demo, then restore logging as it was."""
 
     def __init__(self, stream: TextIO, t0: float, quiet: bool) -> None:
         self.handler = logging.StreamHandler(stream)
@@ -185,24 +194,25 @@ def _intro(cfg: EvalConfig) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _summary(header: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+def _summary(header: Header, rows: Sequence[Row]) -> str:
     lines = ["", "Calibrated defenses (clean accuracy on the held-out calibration digits):"]
-    cal = header.get("calibration", {})
-    base = next((c["base_accuracy"] for c in cal.values()), None)
-    n_cal = next((c["n_images"] for c in cal.values()), 0)
-    if base is not None:
-        lines.append(f"  Base      accuracy {100 * base:.2f}% on {n_cal} digits")
-    for c in cal.values():
-        label = "Input" if c["kind"] == "input" else "Feature"
-        where = "pixels" if c["kind"] == "input" else ",".join(c["layers"])
+    cal = header.calibration
+    first = next(iter(cal.values()), None)
+    if first is not None:
         lines.append(
-            f"  {label:<9} ν = {c['nu']:.4g} on {where}: accuracy {100 * c['accuracy']:.2f}% "
-            f"(drop {100 * c['drop']:.2f} points, target {100 * c['target_drop']:g})"
+            f"  Base      accuracy {100 * first.base_accuracy:.2f}% on {first.n_images} digits"
+        )
+    for c in cal.values():
+        label = "Input" if c.kind == "input" else "Feature"
+        where = "pixels" if c.kind == "input" else ",".join(c.layers)
+        lines.append(
+            f"  {label:<9} ν = {c.nu:.4g} on {where}: accuracy {100 * c.accuracy:.2f}% "
+            f"(drop {100 * c.drop:.2f} points, target {100 * c.target_drop:g})"
         )
     clean: dict[str, list[bool]] = {}
     for r in rows:
-        if r.get("type") == "clean":
-            clean.setdefault(r["defense"], []).append(bool(r["correct"]))
+        if isinstance(r, CleanRow):
+            clean.setdefault(r.defense, []).append(r.correct)
     if clean:
         parts = [
             f"{name.partition('@')[0].capitalize()} {100 * sum(v) / len(v):.0f}%"
@@ -210,41 +220,47 @@ def _summary(header: dict[str, Any], rows: list[dict[str, Any]]) -> str:
         ]
         n = len(next(iter(clean.values())))
         lines.append(
-            f"Clean accuracy on the {n} attacked digits (majority of {header['config']['votes']} "
+            f"Clean accuracy on the {n} attacked digits (majority of {header.setting('votes')} "
             f"votes): {', '.join(parts)}."
         )
     return "\n".join(lines) + "\n\n"
 
 
-def run_demo(args: Any, stream: TextIO | None = None) -> int:
-    """``randfeat demo``: run the demo grid, print what happens and the table.
+def run_demo(
+    out: str | os.PathLike[str] | None = None,
+    *,
+    n_images: int = 100,
+    budget: int = 1000,
+    seed: int = 0,
+    quiet: bool = False,
+    stream: TextIO | None = None,
+) -> int:
+    """`randfeat demo`: run the demo grid, print what happens and the table.
 
-    ``args`` has ``out`` (a directory or None), ``n_images``, ``budget``, ``seed`` and ``quiet``.
-    With ``out``, ``results.jsonl``, ``results.md``, ``results.csv`` and (with matplotlib)
-    ``results.png`` are kept there; an earlier demo's ``results.jsonl`` there is replaced.
+    Args:
+        out: a directory to keep `results.jsonl`, `results.md`, `results.csv` and (with
+            matplotlib) `results.png` in; an earlier demo's `results.jsonl` there is replaced.
+            None: a temporary directory, removed afterwards.
+        n_images: attacked digits, a multiple of 10.
+        budget: queries per image.
+        seed: seed of the whole run.
+        quiet: print only the table.
+        stream: where to print (default: standard output).
 
     Returns:
         The exit code (0).
 
     Raises:
-        ConfigError: a bad ``n_images`` / ``budget`` / ``out``.
+        ConfigError: a bad `n_images`, `budget` or `out`.
     """
     t0 = time.perf_counter()
     stream = sys.stdout if stream is None else stream
-    quiet = bool(getattr(args, "quiet", False))
-    out = getattr(args, "out", None)
     threads = None if os.environ.get("OMP_NUM_THREADS") else torch.get_num_threads()
     tmp = tempfile.TemporaryDirectory(prefix="randfeat-demo-") if out is None else None
     directory = Path(tmp.name if tmp is not None else str(out)).expanduser()
     try:
         results = directory / "results.jsonl"
-        cfg = demo_config(
-            results,
-            n_images=int(args.n_images),
-            budget=int(args.budget),
-            seed=int(args.seed),
-            quiet=quiet,
-        )
+        cfg = demo_config(results, n_images=n_images, budget=budget, seed=seed, quiet=quiet)
         if threads is not None:
             torch.set_num_threads(DEMO_THREADS)
         if not quiet:
@@ -261,9 +277,9 @@ def run_demo(args: Any, stream: TextIO | None = None) -> int:
             results.unlink()
         with _Logging(stream, t0, quiet):
             run_eval(cfg)
-        header, rows = load_results(results)
+        res = read_results(results)
         if not quiet:
-            stream.write(_summary(header, rows))
+            stream.write(_summary(res.header, res.rows))
         if tmp is None:
             plot = importlib.util.find_spec("matplotlib") is not None
             table, written = write_report([results], directory, plot=plot)
@@ -273,7 +289,7 @@ def run_demo(args: Any, stream: TextIO | None = None) -> int:
             if not quiet:
                 stream.write(f"\nKept {results}, " + ", ".join(str(p) for p in written) + ".\n")
         else:
-            stream.write(to_markdown(summarize(header, rows)))
+            stream.write(to_markdown(summarize(res.header, res.rows)))
             if not quiet:
                 stream.write("\nPass --out DIR to keep the results, the table and the plot.\n")
         elapsed = time.perf_counter() - t0

@@ -1,17 +1,17 @@
 """The oracle: the only door an attack has to the model.
 
-An attack never sees a model's parameters, gradients or modules. It sees an :class:`Oracle`, which
-holds the clean batch ``x0`` and labels ``y`` and answers queries with scores (score-based attacks)
+An attack never sees a model's parameters, gradients or modules. It sees an `Oracle`, which
+holds the clean batch `x0` and labels `y` and answers queries with scores (score-based attacks)
 or predicted labels (decision-based attacks). The oracle
 
 * counts queries per sample (one forward of one image is one query; an EOT query that averages
-  ``samples`` forwards is charged ``samples``), and refuses to let any sample exceed its budget or
+  `samples` forwards is charged `samples`), and refuses to let any sample exceed its budget or
   be queried again after it has succeeded;
-* splits forwards into batches of ``batch_size`` and runs them under :func:`torch.no_grad`;
+* splits forwards into batches of `batch_size` and runs them under `torch.no_grad`;
 * decides success as the paper does (Definition 1 and appendix D.4): when a queried point inside
-  the ε-ball says "misclassified", the point is verified with ``votes`` extra forwards, which are not
-  charged as queries but are counted in :attr:`Oracle.verify_forwards`; success needs a strict
-  majority of misclassified votes. ``votes=1`` is the "lucky attack" setting (Table 15): the query
+  the ε-ball says "misclassified", the point is verified with `votes` extra forwards, which are not
+  charged as queries but are counted in `Oracle.verify_forwards`; success needs a strict
+  majority of misclassified votes. `votes=1` is the "lucky attack" setting (Table 15): the query
   itself decides.
 
 Queries count for every forward an attack sees; only the D.4 verification is free.
@@ -33,11 +33,20 @@ Norm = Literal["linf", "l2"]
 Output = Literal["scores", "labels"]
 Model = Callable[[Tensor], Tensor]
 
-__all__ = ["AttackResult", "Model", "Norm", "Oracle", "Output", "distance", "rejudge"]
+__all__ = [
+    "AttackResult",
+    "Model",
+    "Norm",
+    "Oracle",
+    "Output",
+    "distance",
+    "rejudge",
+    "robust_accuracy_curve",
+]
 
 
 def distance(x: Tensor, x0: Tensor, norm: Norm) -> Tensor:
-    """Per-sample distance ``||x - x0||_p`` in float64: ``[N]``."""
+    """Per-sample distance `||x - x0||_p` in float64: `[N]`."""
     d = (x.double() - x0.double()).flatten(1)
     if norm == "linf":
         return d.abs().amax(dim=1)
@@ -53,15 +62,15 @@ def _forward(model: Model, x: Tensor, batch_size: int) -> Tensor:
 
 @dataclass(frozen=True)
 class AttackResult:
-    """What an attack returns, per sample of the attacked batch of ``N`` images.
+    """What an attack returns, per sample of the attacked batch of `N` images.
 
     Attributes:
-        x_adv: ``[N, C, H, W]``, inside the ε-ball and ``[0, 1]``, in the input dtype: the verified
-            adversarial point where ``success``, else the attack's last iterate.
-        success: ``[N]`` bool, verified success by the majority of ``votes`` forwards.
-        queries: ``[N]`` int64, queries spent until verified success, or all that were spent.
-        success_query: ``[N]`` int64, the query count at the first verified success, ``-1`` if none.
-        verify_forwards: ``[N]`` int64, the uncharged verification forwards (D.4) spent.
+        x_adv: `[N, C, H, W]`, inside the ε-ball and `[0, 1]`, in the input dtype: the verified
+            adversarial point where `success`, else the attack's last iterate.
+        success: `[N]` bool, verified success by the majority of `votes` forwards.
+        queries: `[N]` int64, queries spent until verified success, or all that were spent.
+        success_query: `[N]` int64, the query count at the first verified success, `-1` if none.
+        verify_forwards: `[N]` int64, the uncharged verification forwards (D.4) spent.
         budget: the query budget per sample.
         votes: the number of verification votes.
     """
@@ -75,37 +84,51 @@ class AttackResult:
     votes: int
 
     def robust_accuracy(self, queries: int | None = None) -> float:
-        """Fraction of samples not fooled within ``queries`` (default: the budget)."""
-        q = self.budget if queries is None else queries
-        fooled = self.success & (self.success_query <= q)
-        return 1.0 - fooled.double().mean().item()
+        """Fraction of samples not fooled within `queries` (default: the budget)."""
+        q = torch.tensor([self.budget if queries is None else queries])
+        return float(robust_accuracy_curve(self.success, self.success_query, q)[0])
 
     def robust_curve(self, queries: Tensor) -> Tensor:
-        """Robust accuracy at each query count in ``queries`` (``[Q]``), from this single run."""
-        q = queries.to(self.success_query.device).reshape(-1, 1)
-        fooled = self.success.unsqueeze(0) & (self.success_query.unsqueeze(0) <= q)
-        return 1.0 - fooled.double().mean(dim=1)
+        """Robust accuracy at each query count in `queries` (`[Q]`), from this single run."""
+        return robust_accuracy_curve(self.success, self.success_query, queries)
+
+
+def robust_accuracy_curve(success: Tensor, success_query: Tensor, queries: Tensor) -> Tensor:
+    """Robust accuracy at each query count: $RA(q) = 1 - P[\text{success} \\wedge
+    \text{success\\_query} \\le q]$, float64 `[Q]`.
+
+    One run gives the whole curve: a sample fooled at query $s$ is fooled for every budget
+    $q \\ge s$ (the attacks do not depend on the budget beyond stopping at it).
+
+    Args:
+        success: `[N]` bool, verified success per sample.
+        success_query: `[N]` int64, the query count at the first verified success.
+        queries: `[Q]` query counts.
+    """
+    q = queries.to(success_query.device).reshape(-1, 1)
+    fooled = success.unsqueeze(0) & (success_query.unsqueeze(0) <= q)
+    return 1.0 - fooled.double().mean(dim=1)
 
 
 class Oracle:
     """Query-counting, budget-enforcing access to a model for one batch of images.
 
     Args:
-        model: any callable from ``[n, C, H, W]`` in ``[0, 1]`` to scores ``[n, K]`` (or labels
-            ``[n]`` for decision attacks). Never inspected: no parameters, no gradients.
-        x: ``[N, C, H, W]`` clean images in ``[0, 1]``.
-        y: ``[N]`` true labels (int64).
-        budget: queries allowed per sample (``>= 1``).
+        model: any callable from `[n, C, H, W]` in `[0, 1]` to scores `[n, K]` (or labels
+            `[n]` for decision attacks). Never inspected: no parameters, no gradients.
+        x: `[N, C, H, W]` clean images in `[0, 1]`.
+        y: `[N]` true labels (int64).
+        budget: queries allowed per sample (`>= 1`).
         eps: radius of the threat ball; a point outside it can never count as a success.
-        norm: ``"linf"`` or ``"l2"``.
-        votes: verification forwards per apparent success (``>= 1``; 1 = the query decides).
-        output: what the attack may see: ``"scores"`` or ``"labels"``.
+        norm: `"linf"` or `"l2"`.
+        votes: verification forwards per apparent success (`>= 1`; 1 = the query decides).
+        output: what the attack may see: `"scores"` or `"labels"`.
         batch_size: forwards per model call (default: everything at once).
-        samples: forwards averaged per query (EOT); each query is charged ``samples``.
+        samples: forwards averaged per query (EOT); each query is charged `samples`.
 
     Attributes:
-        queries: ``[N]`` int64, queries charged so far per sample.
-        success: ``[N]`` bool, verified success per sample.
+        queries: `[N]` int64, queries charged so far per sample.
+        success: `[N]` bool, verified success per sample.
         n_succeeded: verified successes so far, a host-side int: an attack that keeps its active
             samples gathered can re-gather only when this changes, without a device sync.
     """
@@ -159,31 +182,31 @@ class Oracle:
     # ------------------------------------------------------------------ budget bookkeeping
     @property
     def n_calls(self) -> int:
-        """How many queries (of ``samples`` forwards each) one sample may make in total."""
+        """How many queries (of `samples` forwards each) one sample may make in total."""
         return self.budget // self.samples
 
     @property
     def remaining(self) -> Tensor:
-        """``[N]`` int64: queries each sample may still make (0 once it has succeeded)."""
+        """`[N]` int64: queries each sample may still make (0 once it has succeeded)."""
         left = (self.budget - self.queries) // self.samples
         return torch.where(self.success, torch.zeros_like(left), left)
 
     def active(self, need: int = 1) -> Tensor:
-        """``[N]`` bool: samples not yet fooled that can still afford ``need`` queries."""
+        """`[N]` bool: samples not yet fooled that can still afford `need` queries."""
         return self.remaining >= need
 
     # ------------------------------------------------------------------ the doors
     def scores(self, x: Tensor, idx: Tensor) -> Tensor:
-        """Scores ``[n, K]`` (float32) for points ``x: [n, C, H, W]`` of samples ``idx: [n]``.
+        """Scores `[n, K]` (float32) for points `x: [n, C, H, W]` of samples `idx: [n]`.
 
-        Charges one query (``samples`` forwards) per row; rows of one sample may repeat.
+        Charges one query (`samples` forwards) per row; rows of one sample may repeat.
         """
         if self.output != "scores":
             raise RuntimeError("This oracle answers labels only (decision-based attack).")
         return self._query(x, idx)
 
     def labels(self, x: Tensor, idx: Tensor) -> Tensor:
-        """Predicted labels ``[n]`` (int64) for points ``x`` of samples ``idx``; one query a row."""
+        """Predicted labels `[n]` (int64) for points `x` of samples `idx`; one query a row."""
         out = self._query(x, idx)
         return out if out.ndim == 1 else out.argmax(dim=1)
 
@@ -292,7 +315,7 @@ class Oracle:
         self.x_success[won] = pts[fooled].to(self.x_success.dtype)
 
     def result(self, x_last: Tensor) -> AttackResult:
-        """Package the run: verified points where successful, ``x_last`` elsewhere."""
+        """Package the run: verified points where successful, `x_last` elsewhere."""
         mask = self.success.view(-1, *([1] * (self.x0.ndim - 1)))
         x_adv = torch.where(mask, self.x_success, x_last.to(self.x0.dtype))
         return AttackResult(
@@ -324,12 +347,12 @@ def rejudge(
     forwards: int = 100,
     batch_size: int | None = None,
 ) -> Tensor:
-    """Judge points afresh: the probability that a new majority of ``votes`` forwards is fooled.
+    """Judge points afresh: the probability that a new majority of `votes` forwards is fooled.
 
     The first verified success of an attack is biased toward lucky draws (the attack stops at the
-    first point where ``votes`` draws happened to say "fooled"). This estimates, from ``forwards``
-    independent forwards per point, ``p = P[argmax f_rand(x_adv) != y]`` and returns
-    ``P[Binomial(votes, p) > votes / 2]`` per sample (``[N]``, float64). Its mean over samples is the
+    first point where `votes` draws happened to say "fooled"). This estimates, from `forwards`
+    independent forwards per point, `p = P[argmax f_rand(x_adv) != y]` and returns
+    `P[Binomial(votes, p) > votes / 2]` per sample (`[N]`, float64). Its mean over samples is the
     expected fooling rate under a fresh verification.
     """
     if forwards < 1:

@@ -1,8 +1,8 @@
 """The shared run contract of every attack: validation, the oracle, projection, seeding.
 
-Each attack subclasses :class:`Attack`, takes its hyperparameters in ``__init__`` and implements
-``_attack(oracle, generator) -> x_last``. Everything an attack learns about the model comes from the
-:class:`~randfeat.eval.oracle.Oracle`; query counting, budgets and the success rule live there, never
+Each attack subclasses `Attack`, takes its hyperparameters in `__init__` and implements
+`_attack(oracle, generator) -> x_last`. Everything an attack learns about the model comes from the
+`Oracle`; query counting, budgets and the success rule live there, never
 in the attack.
 """
 
@@ -18,11 +18,19 @@ from torch import Tensor
 
 from randfeat.eval.oracle import AttackResult, Model, Norm, Oracle, Output, distance
 
-__all__ = ["Attack", "linf_bounds", "make_generator", "margin", "project", "validate_eps"]
+__all__ = [
+    "Attack",
+    "OracleAttack",
+    "linf_bounds",
+    "make_generator",
+    "margin",
+    "project",
+    "validate_eps",
+]
 
 
 def make_generator(seed: int | torch.Generator | None, device: torch.device) -> torch.Generator:
-    """A generator on ``device``: seeded by ``seed``, or from OS entropy when ``seed`` is None."""
+    """A generator on `device`: seeded by `seed`, or from OS entropy when `seed` is None."""
     if isinstance(seed, torch.Generator):
         return seed
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
@@ -35,7 +43,7 @@ def make_generator(seed: int | torch.Generator | None, device: torch.device) -> 
 
 
 def validate_eps(eps: float) -> float:
-    """Raise unless ``eps`` is a finite number > 0."""
+    """Raise unless `eps` is a finite number > 0."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"Expected argument `eps` to be a float > 0, but got {eps!r}.")
     if not math.isfinite(eps) or eps <= 0:
@@ -44,14 +52,14 @@ def validate_eps(eps: float) -> float:
 
 
 def margin(scores: Tensor, y: Tensor) -> Tensor:
-    """The margin loss of Eq. (3): ``f_y(x) - max_{i != y} f_i(x)`` per row (``<= 0``: fooled)."""
+    """The margin loss of Eq. (3): `f_y(x) - max_{i != y} f_i(x)` per row (`<= 0`: fooled)."""
     true = scores.gather(1, y.view(-1, 1)).squeeze(1)
     other = scores.scatter(1, y.view(-1, 1), float("-inf")).amax(dim=1)
     return true - other
 
 
 def _shrink_toward(bound: Tensor, x0: Tensor, eps: float) -> Tensor:
-    """Move ``bound`` one ulp toward ``x0`` wherever rounding put it beyond ``eps`` (float64 check)."""
+    """Move `bound` one ulp toward `x0` wherever rounding put it beyond `eps` (float64 check)."""
     over = (bound.double() - x0.double()).abs() > eps
     if bool(over.any()):
         bound = torch.where(over, torch.nextafter(bound, x0), bound)
@@ -59,13 +67,13 @@ def _shrink_toward(bound: Tensor, x0: Tensor, eps: float) -> Tensor:
 
 
 def linf_bounds(x0: Tensor, eps: float) -> tuple[Tensor, Tensor]:
-    """``(lo, hi)``: the box ``B_∞(x0, ε) ∩ [0, 1]``, exact in float64, in ``x0``'s dtype.
+    """`(lo, hi)`: the box `B_∞(x0, ε) ∩ [0, 1]`, exact in float64, in `x0`'s dtype.
 
-    ``x.clamp(lo, hi)`` is the ℓ∞ :func:`project` of ``x``; an attack that projects many times
-    around the same ``x0`` computes the bounds once.
+    `x.clamp(lo, hi)` is the ℓ∞ `project` of `x`; an attack that projects many times
+    around the same `x0` computes the bounds once.
 
     Raises:
-        ValueError / TypeError: ``eps`` is not a finite float > 0.
+        ValueError / TypeError: `eps` is not a finite float > 0.
     """
     eps = validate_eps(eps)
     # bounds rounded from float64 overshoot by at most half an ulp, which one nudge undoes
@@ -75,9 +83,9 @@ def linf_bounds(x0: Tensor, eps: float) -> tuple[Tensor, Tensor]:
 
 
 def project(x: Tensor, x0: Tensor, eps: float, norm: Norm) -> Tensor:
-    """Project ``x`` onto the ε-ball around ``x0`` intersected with ``[0, 1]``, exactly.
+    """Project `x` onto the ε-ball around `x0` intersected with `[0, 1]`, exactly.
 
-    The result satisfies ``distance(out, x0, norm) <= eps`` when checked in float64, in ``x``'s dtype.
+    The result satisfies `distance(out, x0, norm) <= eps` when checked in float64, in `x`'s dtype.
     """
     if norm == "linf":
         lo, hi = linf_bounds(x0, eps)
@@ -104,9 +112,16 @@ def project(x: Tensor, x0: Tensor, eps: float, norm: Norm) -> Tensor:
 
 
 class Attack(ABC):
-    """Base class: validation, oracle construction and result packaging.
+    """What the grid, the registry and the user see of an attack: its ball and its `run`.
 
-    Subclasses set ``output`` ("scores" or "labels") and implement :meth:`_attack`.
+    Subclass [OracleAttack][randfeat.eval.attacks.base.OracleAttack] to write a search;
+    [EOT][randfeat.eval.attacks.eot.EOT] subclasses this class directly and composes through
+    `run`.
+
+    Attributes:
+        output: what the attack needs from the model: `"scores"` or `"labels"`.
+        eps: the radius of the threat ball.
+        norm: `"linf"` or `"l2"`.
     """
 
     output: ClassVar[Output] = "scores"
@@ -123,6 +138,7 @@ class Attack(ABC):
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({fields})"
 
+    @abstractmethod
     def run(
         self,
         model: Model,
@@ -133,37 +149,51 @@ class Attack(ABC):
         seed: int | torch.Generator | None = None,
         *,
         batch_size: int | None = None,
+        samples: int = 1,
     ) -> AttackResult:
-        """Attack the images ``x: [N, C, H, W] in [0, 1]`` with labels ``y: [N]``.
+        """Attack the images `x: [N, C, H, W]` in $[0, 1]$ with labels `y: [N]`.
 
         Args:
-            model: a callable from images to scores ``[n, K]`` (or labels for decision attacks).
-            x: clean images in ``[0, 1]``.
+            model: a callable from images to scores `[n, K]` (or labels for decision attacks).
+            x: clean images in $[0, 1]$.
             y: true labels, int64.
-            budget: queries allowed per image (``>= 1``).
-            votes: verification forwards for an apparent success (D.4); 1 = "lucky" setting.
+            budget: queries allowed per image (`>= 1`).
+            votes: forwards that judge an apparent success (appendix D.4); 1 = "lucky" setting.
             seed: an int or generator for a reproducible run; None draws from OS entropy.
             batch_size: forwards per model call (default: all at once).
+            samples: forwards averaged per query (EOT); each query is charged `samples`.
 
         Returns:
-            An :class:`~randfeat.eval.oracle.AttackResult`.
+            An [AttackResult][randfeat.eval.oracle.AttackResult].
 
         Raises:
-            ValueError / TypeError: on bad input, before any query is spent.
+            ValueError: on bad input (or TypeError on a wrong type), before any query is spent.
         """
-        return self._run(model, x, y, budget, votes, seed, batch_size, samples=1)
 
-    def _run(
+
+class OracleAttack(Attack):
+    """Base of every search: validation, the [Oracle][randfeat.eval.oracle.Oracle], the result.
+
+    Subclasses set `output` and implement `_attack(oracle, generator) -> x_last`; everything
+    they learn about the model comes through the oracle.
+    """
+
+    def run(
         self,
         model: Model,
         x: Tensor,
         y: Tensor,
-        budget: int,
-        votes: int,
-        seed: int | torch.Generator | None,
-        batch_size: int | None,
-        samples: int,
+        budget: int = 1000,
+        votes: int = 9,
+        seed: int | torch.Generator | None = None,
+        *,
+        batch_size: int | None = None,
+        samples: int = 1,
     ) -> AttackResult:
+        """Attack the images `x: [N, C, H, W]` in $[0, 1]$ with labels `y: [N]`.
+
+        See [Attack.run][randfeat.eval.attacks.base.Attack.run] for the arguments.
+        """
         x, y = _validate_inputs(x, y, budget, votes)
         oracle = Oracle(
             model,
@@ -183,7 +213,7 @@ class Attack(ABC):
 
     @abstractmethod
     def _attack(self, oracle: Oracle, generator: torch.Generator) -> Tensor:
-        """Run the attack through ``oracle``; return the last iterate ``[N, C, H, W]``."""
+        """Run the search through `oracle`; return the last iterate `[N, C, H, W]`."""
 
 
 def _validate_inputs(x: Tensor, y: Tensor, budget: int, votes: int) -> tuple[Tensor, Tensor]:

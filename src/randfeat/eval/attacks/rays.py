@@ -1,35 +1,35 @@
 """RayS: hard-label ray search (Chen & Gu, KDD 2020), ℓ∞ only.
 
 RayS recasts the hard-label attack as a discrete search over ray directions. For a sign vector
-``s ∈ {±1}^D`` (``D = C·H·W``, flattened in NCHW order as the official code does) and the unit ray
-``u = s / ||s||_2 = s / sqrt(D)``, the decision-boundary radius along ``s`` is
+`s ∈ {±1}^D` (`D = C·H·W`, flattened in NCHW order as the official code does) and the unit ray
+`u = s / ||s||_2 = s / sqrt(D)`, the decision-boundary radius along `s` is
 
-.. math::
+$$
+g(s) = \\min \\{ r \\ge 0 : \\arg\\max_k f_k(\\mathrm{clip}_{[0,1]}(x_0 + r u)) \\ne y \\},
+$$
 
-    g(s) = \\min \\{ r \\ge 0 : \\arg\\max_k f_k(\\mathrm{clip}_{[0,1]}(x_0 + r u)) \\ne y \\},
+measured as an ℓ2 length along the ray, so the ℓ∞ size of the perturbation is `r / sqrt(D)`
+before clipping. RayS minimises `g` by hierarchical block sign flips: at stage `k` the vector is
+cut into `2^k` contiguous blocks, each block of the current best `s` is flipped in turn, and a
+flip is kept when it shortens the boundary radius. Each candidate `s'` costs
 
-measured as an ℓ2 length along the ray, so the ℓ∞ size of the perturbation is ``r / sqrt(D)``
-before clipping. RayS minimises ``g`` by hierarchical block sign flips: at stage ``k`` the vector is
-cut into ``2^k`` contiguous blocks, each block of the current best ``s`` is flipped in turn, and a
-flip is kept when it shortens the boundary radius. Each candidate ``s'`` costs
+1. a *fast check*: one query at `clip(x_0 + r_best u')`; if it is not adversarial, `s'` cannot
+   beat the current best radius `r_best` and is dropped;
+2. otherwise a *binary search* for `g(s')` on `[0, min(r_best, sqrt(D))]`, one query per step,
+   until the bracket is at most `tol` (ray length) wide; the upper end becomes the new `r_best`.
 
-1. a *fast check*: one query at ``clip(x_0 + r_best u')``; if it is not adversarial, ``s'`` cannot
-   beat the current best radius ``r_best`` and is dropped;
-2. otherwise a *binary search* for ``g(s')`` on ``[0, min(r_best, sqrt(D))]``, one query per step,
-   until the bracket is at most ``tol`` (ray length) wide; the upper end becomes the new ``r_best``.
-
-The attack succeeds when ``r_best / sqrt(D) <= ε``. Here the oracle decides success: it verifies any
+The attack succeeds when `r_best / sqrt(D) <= ε`. Here the oracle decides success: it verifies any
 queried point inside the ε-ball that the model misclassifies, and the attack stops querying a sample
-as soon as the oracle reports success (early stopping as in the official ``RayS_Single.py`` and
+as soon as the oracle reports success (early stopping as in the official `RayS_Single.py` and
 BlackboxBench), or when the sample's budget is spent.
 
 Vectorisation: every sample runs its own state machine (its own block counter, and either "next fast
-check" or "inside a binary search" with its own bracket); one step of :func:`RayS._attack` asks every
+check" or "inside a binary search" with its own bracket); one step of `RayS._attack` asks every
 active sample for exactly one query, so samples at different stages share each model call.
 
 References:
     Jinghui Chen and Quanquan Gu. "RayS: A Ray Searching Method for Hard-label Adversarial Attack."
-    KDD 2020. Official code: ``uclaml/RayS`` (``RayS.py``, ``RayS_Single.py``).
+    KDD 2020. Official code: `uclaml/RayS` (`RayS.py`, `RayS_Single.py`).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
-from randfeat.eval.attacks.base import Attack, project
+from randfeat.eval.attacks.base import OracleAttack, project
 from randfeat.eval.oracle import Oracle, Output
 
 __all__ = ["RayS"]
@@ -60,17 +60,17 @@ def _validate_tol(tol: float) -> float:
 class RaySearch:
     """Per-sample RayS state machines for a batch, stepped together (one query per sample a step).
 
-    The state of sample ``n``: its best direction ``sign[n]`` (``s``, starting at all ``+1``), the best
-    boundary radius ``r_best[n]`` (ray length, ``inf`` until the first adversarial direction), its
-    block counter ``(level[n], ind[n])``, and, while ``searching[n]``, the candidate block
-    ``[start[n], end[n])`` that is flipped and the bisection bracket ``[lo[n], hi[n]]``.
+    The state of sample `n`: its best direction `sign[n]` (`s`, starting at all `+1`), the best
+    boundary radius `r_best[n]` (ray length, `inf` until the first adversarial direction), its
+    block counter `(level[n], ind[n])`, and, while `searching[n]`, the candidate block
+    `[start[n], end[n])` that is flipped and the bisection bracket `[lo[n], hi[n]]`.
 
-    Use: ``points = search.propose(idx)``, query the model at ``points`` for the samples ``idx``,
-    then ``search.update(idx, adversarial)``. Only samples in ``idx`` move.
+    Use: `points = search.propose(idx)`, query the model at `points` for the samples `idx`,
+    then `search.update(idx, adversarial)`. Only samples in `idx` move.
 
     Args:
-        x0: ``[N, D]`` clean images, flattened, in ``[0, 1]``.
-        tol: bisection tolerance on the ray length (official ``tol = 1e-3``).
+        x0: `[N, D]` clean images, flattened, in `[0, 1]`.
+        tol: bisection tolerance on the ray length (official `tol = 1e-3`).
     """
 
     def __init__(self, x0: Tensor, tol: float = 1e-3) -> None:
@@ -98,24 +98,24 @@ class RaySearch:
 
     # ------------------------------------------------------------------ geometry
     def _block(self, level: Tensor, ind: Tensor) -> tuple[Tensor, Tensor]:
-        """Block ``[start, end)`` number ``ind`` of the ``2^level`` blocks of size ``ceil(D / 2^level)``."""
+        """Block `[start, end)` number `ind` of the `2^level` blocks of size `ceil(D / 2^level)`."""
         num = torch.ones_like(level) << level
         size = (self.dim + num - 1) // num
         start = ind * size
         return start, torch.clamp(start + size, max=self.dim)
 
     def candidate(self, idx: Tensor) -> Tensor:
-        """``[n, D]``: ``sign[idx]`` with the block ``[start, end)`` of each row negated."""
+        """`[n, D]`: `sign[idx]` with the block `[start, end)` of each row negated."""
         c = self._coords.view(1, -1)
         flip = (c >= self.start[idx].view(-1, 1)) & (c < self.end[idx].view(-1, 1))
         s = self.sign[idx]
         return torch.where(flip, -s, s)
 
     def point(self, idx: Tensor, sign: Tensor, radius: Tensor) -> Tensor:
-        """``clip(x0 + r · s / sqrt(D))`` for rows ``idx``: ``[n, D]``; ``r = inf`` saturates the image.
+        """`clip(x0 + r · s / sqrt(D))` for rows `idx`: `[n, D]`; `r = inf` saturates the image.
 
-        ``r`` is capped at ``sqrt(D)`` (ℓ∞ size 1), which gives the same clipped point as any larger
-        radius, ``inf`` included (the official ``get_xadv(x, s, inf)``).
+        `r` is capped at `sqrt(D)` (ℓ∞ size 1), which gives the same clipped point as any larger
+        radius, `inf` included (the official `get_xadv(x, s, inf)`).
         """
         t = torch.clamp(radius, max=self.sqrt_dim) / self.sqrt_dim
         x0 = self.x0[idx]
@@ -123,13 +123,13 @@ class RaySearch:
 
     # ------------------------------------------------------------------ one step
     def propose(self, idx: Tensor) -> Tensor:
-        """The next query of each sample in ``idx``: ``[n, D]`` in ``[0, 1]``.
+        """The next query of each sample in `idx`: `[n, D]` in `[0, 1]`.
 
-        A sample that is not searching takes its next block (the fast check, at ``r_best``); a
+        A sample that is not searching takes its next block (the fast check, at `r_best`); a
         searching sample queries the midpoint of its bracket.
 
         Args:
-            idx: ``[n]`` distinct sample indices (int64), the samples that query in this step.
+            idx: `[n]` distinct sample indices (int64), the samples that query in this step.
         """
         fresh = idx[~self.searching[idx]]
         if fresh.numel() > 0:
@@ -139,11 +139,11 @@ class RaySearch:
         return self.point(idx, self.candidate(idx), radius)
 
     def update(self, idx: Tensor, adversarial: Tensor) -> None:
-        """Advance the samples ``idx`` by the answers to the points :meth:`propose` gave them.
+        """Advance the samples `idx` by the answers to the points `propose` gave them.
 
         Args:
-            idx: ``[n]`` the indices passed to the last :meth:`propose`.
-            adversarial: ``[n]`` bool, whether each proposed point was misclassified.
+            idx: `[n]` the indices passed to the last `propose`.
+            adversarial: `[n]` bool, whether each proposed point was misclassified.
         """
         adversarial = adversarial.to(device=idx.device, dtype=torch.bool)
         srch = self.searching[idx]
@@ -183,7 +183,7 @@ class RaySearch:
             self.r_best[better] = self.hi[better]
 
     def best_point(self) -> Tensor:
-        """``[N, D]``: ``clip(x0 + r_best · s / sqrt(D))``, counting an unfinished bisection's progress."""
+        """`[N, D]`: `clip(x0 + r_best · s / sqrt(D))`, counting an unfinished bisection's progress."""
         pending = self.searching.nonzero().squeeze(1)
         if pending.numel() > 0:
             # A bisection cut short by the budget: its `hi` is an adversarial radius too.
@@ -193,22 +193,22 @@ class RaySearch:
         return self.point(every, self.sign, self.r_best)
 
 
-class RayS(Attack):
+class RayS(OracleAttack):
     """RayS (Chen & Gu, 2020): decision-based ℓ∞ attack by hierarchical ray search.
 
-    Hyperparameters and their sources (official ``uclaml/RayS`` at ``29bc1749``):
+    Hyperparameters and their sources (official `uclaml/RayS` at `29bc1749`):
 
-    * the search starts from ``s = +1`` everywhere (``torch.sign(torch.ones(shape))``) with
-      ``r_best = inf``; the first candidate flips the single block of level 0, i.e. tests ``s = -1``;
-    * blocks: level ``k`` has ``2^k`` blocks of ``ceil(D / 2^k)`` contiguous coordinates of the NCHW
+    * the search starts from `s = +1` everywhere (`torch.sign(torch.ones(shape))`) with
+      `r_best = inf`; the first candidate flips the single block of level 0, i.e. tests `s = -1`;
+    * blocks: level `k` has `2^k` blocks of `ceil(D / 2^k)` contiguous coordinates of the NCHW
       flattening; after the last block of a level the next level starts; no restart: once blocks are
       single coordinates, the search keeps cycling through them;
-    * fast check: one query at ``r_best`` along the candidate (clipped to ``[0, 1]``); for the very
-      first adversarial direction (``r_best = inf``) it is the saturated image, and the bisection
-      runs on ``[0, sqrt(D)]`` (batched ``RayS.py``: ``d_end = min(d_t, ||s||_2)``);
-    * bisection until ``d_end - d_start <= tol``, ``tol = 1e-3`` in ray length
-      (``binary_search(..., tol=1e-3)``); the upper end is kept if it beats ``r_best``;
-    * ``ε`` has no influence on the search itself (it only decides success); the official defaults
+    * fast check: one query at `r_best` along the candidate (clipped to `[0, 1]`); for the very
+      first adversarial direction (`r_best = inf`) it is the saturated image, and the bisection
+      runs on `[0, sqrt(D)]` (batched `RayS.py`: `d_end = min(d_t, ||s||_2)`);
+    * bisection until `d_end - d_start <= tol`, `tol = 1e-3` in ray length
+      (`binary_search(..., tol=1e-3)`); the upper end is kept if it beats `r_best`;
+    * `ε` has no influence on the search itself (it only decides success); the official defaults
       are ε = 0.05 (ImageNet), 0.031 (CIFAR-10), 0.3 (MNIST) and 10000 queries.
 
     Query accounting: one query per model call per sample, the fast check and each bisection step
@@ -216,10 +216,10 @@ class RayS(Attack):
 
     Deviations from the official code, and why:
 
-    * The single-image ``RayS_Single.py`` starts with a "linear search" that queries the saturated
-      image up to 10 times (``x + k s`` for ``k = 1..10`` are the same image after clipping) and then
-      bisects on ``[0, k sqrt(D)]``. We follow the batched ``RayS.py``: one fast check at the
-      saturated image and a bisection on ``[0, sqrt(D)]``.
+    * The single-image `RayS_Single.py` starts with a "linear search" that queries the saturated
+      image up to 10 times (`x + k s` for `k = 1..10` are the same image after clipping) and then
+      bisects on `[0, k sqrt(D)]`. We follow the batched `RayS.py`: one fast check at the
+      saturated image and a bisection on `[0, sqrt(D)]`.
     * Samples stop as soon as the oracle has verified a success (the official batched code runs on
       to measure boundary distances); the oracle may detect it in the middle of a bisection, i.e.
       a few queries before the official check after the whole bisection.
@@ -232,11 +232,11 @@ class RayS(Attack):
 
     Args:
         eps: ℓ∞ radius of the threat ball (only decides success).
-        norm: must be ``"linf"`` (RayS is an ℓ∞ attack).
-        tol: bisection tolerance on the ray length (ℓ2 length along the unit ray), default ``1e-3``.
+        norm: must be `"linf"` (RayS is an ℓ∞ attack).
+        tol: bisection tolerance on the ray length (ℓ2 length along the unit ray), default `1e-3`.
 
     Raises:
-        ValueError / TypeError: on an invalid ``eps``, ``norm`` or ``tol``.
+        ValueError / TypeError: on an invalid `eps`, `norm` or `tol`.
 
     References:
         Jinghui Chen and Quanquan Gu. "RayS: A Ray Searching Method for Hard-label Adversarial

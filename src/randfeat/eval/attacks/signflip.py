@@ -1,15 +1,15 @@
 """Sign Flip Attack (SFA): a decision-based ℓ∞ attack that sees predicted labels only.
 
 Chen, Zhang, Hu, Wu, "Boosting decision-based black-box adversarial attacks with random sign
-flip", ECCV 2020 (official code: ``wubaoyuan/Sign-Flip-Attack``, ``SFA.py``, commit ``6b32333e``).
+flip", ECCV 2020 (official code: `wubaoyuan/Sign-Flip-Attack`, `SFA.py`, commit `6b32333e`).
 
-SFA starts from a misclassified point far from the clean image ``x0`` and walks it into the ε-ball
+SFA starts from a misclassified point far from the clean image `x0` and walks it into the ε-ball
 while keeping it misclassified. Each iteration makes two label queries per unfinished image:
 
 1. *projection step*: add a random ±α sign pattern η to the perturbation δ and project the result
-   onto the ℓ∞ ball of radius ``||δ||_∞ - α`` (a smaller ball); keep it if still misclassified;
+   onto the ℓ∞ ball of radius `||δ||_∞ - α` (a smaller ball); keep it if still misclassified;
 2. *random sign flip*: flip the signs of a few random entries of δ (each kept with probability
-   ``prob``, flipped with ``1 - prob``); keep the flipped δ if still misclassified.
+   `prob`, flipped with `1 - prob`); keep the flipped δ if still misclassified.
 
 α and the keep probabilities adapt to the acceptance rates. The iterate is misclassified but
 outside the ε-ball most of the time, so those queries are exploration: the oracle decides success
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from randfeat.eval.attacks.base import Attack, project
+from randfeat.eval.attacks.base import OracleAttack, project
 from randfeat.eval.oracle import Oracle, Output
 
 __all__ = ["SignFlip"]
@@ -33,13 +33,13 @@ __all__ = ["SignFlip"]
 logger = logging.getLogger(__name__)
 
 ALPHA_OFFICIAL = 0.004
-"""The official initial step α (``SFA.py``: ``alpha = 0.004``), on the ``[0, 1]`` pixel scale."""
+"""The official initial step α (`SFA.py`: `alpha = 0.004`), on the `[0, 1]` pixel scale."""
 EPS_OFFICIAL = 0.031
-"""The official ℓ∞ threshold (``SFA(..., linf=0.031)``), at which α = 0.004."""
+"""The official ℓ∞ threshold (`SFA(..., linf=0.031)`), at which α = 0.004."""
 ALPHA_FRACTION = ALPHA_OFFICIAL / EPS_OFFICIAL
 """Default initial α as a fraction of ε (≈ 0.129): official α = 0.004 at official ε = 0.031."""
 PROB_MIN, PROB_MAX = 0.99, 0.9999
-"""Clamp of the keep-sign probability (flip probability in ``[1e-4, 1e-2]``), as official."""
+"""Clamp of the keep-sign probability (flip probability in `[1e-4, 1e-2]`), as official."""
 PROB_STEP = 1e-4
 """Per-coordinate update of the keep probability after an accepted flip, as official."""
 PROB_ADAPT = 1e-3
@@ -55,48 +55,50 @@ INIT_REDRAWS = 10_000
 
 
 def _project_radius(x: Tensor, x0: Tensor, radius: Tensor) -> Tensor:
-    """Project ``x`` onto the ℓ∞ ball of radius ``radius: [n]`` around ``x0``, then ``[0, 1]``."""
+    """Project `x` onto the ℓ∞ ball of radius `radius: [n]` around `x0`, then `[0, 1]`."""
     r = radius.view(-1, *([1] * (x.ndim - 1)))
     return torch.minimum(torch.maximum(x, x0 - r), x0 + r).clamp(0.0, 1.0)
 
 
 def _upsample(z: Tensor, size: tuple[int, int]) -> Tensor:
-    """Bilinear resize of ``z: [n, C, h, w]`` to ``size`` (the official ``resize``)."""
+    """Bilinear resize of `z: [n, C, h, w]` to `size` (the official `resize`)."""
     if tuple(z.shape[-2:]) == size:
         return z
     return F.interpolate(z, size=list(size), mode="bilinear", align_corners=False)
 
 
-class SignFlip(Attack):
+class SignFlip(OracleAttack):
     r"""Sign Flip Attack (Chen et al., 2020), untargeted, ℓ∞, decision-based (labels only).
 
-    With ``δ = x - x0`` the current (misclassified) perturbation and ``l = ||δ||_∞``:
+    With `δ = x - x0` the current (misclassified) perturbation and `l = ||δ||_∞`:
 
-    .. math::
+    $$
+    δ_p = \Pi_{B_∞(0,\, l - α)}(δ + η), \quad η = α \cdot \mathrm{up}(z),
+    \; z \sim \mathrm{Uniform}\{-1, 1\}^{[C, H/r, W/r]}
+    $$
 
-        δ_p = \Pi_{B_∞(0,\, l - α)}(δ + η), \quad η = α \cdot \mathrm{up}(z),
-        \; z \sim \mathrm{Uniform}\{-1, 1\}^{[C, H/r, W/r]}
+    $$
+    δ_s = δ \odot \mathrm{sign}(\mathrm{up}(2 b - 1)), \quad b \sim \mathrm{Bernoulli}(p)
+    $$
 
-        δ_s = δ \odot \mathrm{sign}(\mathrm{up}(2 b - 1)), \quad b \sim \mathrm{Bernoulli}(p)
-
-    (``up`` is the bilinear upsampling to ``[C, H, W]``; the official code draws ``z`` as the sign
-    of a Gaussian, the same distribution), each accepted when ``clip(x0 + δ_·, 0, 1)`` is misclassified (one query each). After an
-    accepted flip, ``p ← clip(p - 10^{-4} (2b - 1), 0.99, 0.9999)`` per coordinate. Every 10
+    (`up` is the bilinear upsampling to `[C, H, W]`; the official code draws `z` as the sign
+    of a Gaussian, the same distribution), each accepted when `clip(x0 + δ_·, 0, 1)` is misclassified (one query each). After an
+    accepted flip, `p ← clip(p - 10^{-4} (2b - 1), 0.99, 0.9999)` per coordinate. Every 10
     iterations, with the acceptance rates of the last 10: projection rate > 0.7 → α ← 1.5 α,
     < 0.3 → α ← α / 1.5; flip rate > 0.7 → p ← p - 0.001 (flip more), < 0.3 → p ← p + 0.001.
 
     Initialisation (official, untargeted): uniform noise images, redrawn until misclassified
-    (at most 10,000 redraws), then 10 steps of ℓ∞ binary search of the radius toward ``x0``.
+    (at most 10,000 redraws), then 10 steps of ℓ∞ binary search of the radius toward `x0`.
 
-    Defaults and their sources (official ``SFA.py``, REFERENCES.md §5):
+    Defaults and their sources (official `SFA.py`, REFERENCES.md §5):
 
-    * ``alpha = (0.004 / 0.031) · ε ≈ 0.129 ε`` (:data:`ALPHA_FRACTION`): the official absolute
+    * `alpha = (0.004 / 0.031) · ε ≈ 0.129 ε` (`ALPHA_FRACTION`): the official absolute
       α = 0.004 at the official ε = 0.031; e.g. α = 0.0258 at the digits ε = 0.2. α then adapts.
-    * ``prob = 0.999`` initial keep-sign probability, clamped to ``[0.99, 0.9999]``; updates
+    * `prob = 0.999` initial keep-sign probability, clamped to `[0.99, 0.9999]`; updates
       ±1e-4 after an accepted flip; every 10 iterations α ×/÷ 1.5 and prob ∓ 0.001 at acceptance
       rates 0.7 / 0.3.
-    * ``binary_steps = 10`` (official); ``resize_factor = 1`` (the ``SFA`` default; the ImageNet
-      ``test.py`` uses 2): signs and probabilities live on a ``[C, H // r, W // r]`` grid,
+    * `binary_steps = 10` (official); `resize_factor = 1` (the `SFA` default; the ImageNet
+      `test.py` uses 2): signs and probabilities live on a `[C, H // r, W // r]` grid,
       bilinearly upsampled.
 
     Query accounting and deviations from the official code:
@@ -104,30 +106,30 @@ class SignFlip(Attack):
     * Honest: every forward is charged, including the uniform-noise initialisation draws, which
       the official code does not count (it charges 10 for the binary search and 2 per
       iteration). The oracle's D.4 verification is the only uncharged forward.
-    * Budgets are per image (``oracle.active``), not one counter per batch. The two steps of an
+    * Budgets are per image (`oracle.active`), not one counter per batch. The two steps of an
       iteration are budgeted separately, so an image with one query left still makes the
       projection step.
     * Success is decided by the oracle at any queried point inside the ε-ball (clipped to
-      ``[0, 1]``), not by the official ``||δ||_∞ <= ε`` on the unclipped δ. The unclipped δ is kept
+      `[0, 1]`), not by the official `||δ||_∞ <= ε` on the unclipped δ. The unclipped δ is kept
       as the iterate, as official. An image whose in-ball query fails verification keeps going.
-    * The official code queries ``x0`` first (uncharged) and refuses the batch if any is
-      misclassified; here no such query is made: a misclassified ``x0`` is found by the binary
+    * The official code queries `x0` first (uncharged) and refuses the batch if any is
+      misclassified; here no such query is made: a misclassified `x0` is found by the binary
       search, whose radii reach the ball.
-    * The shrunk radius ``l - α`` is floored at 0 (the official code does not guard it; a
+    * The shrunk radius `l - α` is floored at 0 (the official code does not guard it; a
       negative radius would flip the projection's sign).
     * With a randomized model, a single query's label is noisy; decisions (accepting a step, the
       binary search, the initial noise) still use that one label, as in the official code.
 
-    The returned last iterate of an unsuccessful image is ``x0 + δ`` projected onto the ε-ball and
-    ``[0, 1]`` (usually no longer misclassified), as the result contract requires.
+    The returned last iterate of an unsuccessful image is `x0 + δ` projected onto the ε-ball and
+    `[0, 1]` (usually no longer misclassified), as the result contract requires.
 
     Args:
-        eps: ℓ∞ radius ε of the threat ball, on the ``[0, 1]`` scale.
-        norm: must be ``"linf"`` (SFA is an ℓ∞ attack).
-        alpha: initial projection step α on the ``[0, 1]`` pixel scale (> 0); None (default):
-            ``ALPHA_FRACTION * eps``.
-        prob: initial keep-sign probability, in ``[0.99, 0.9999]``.
-        resize_factor: dimensionality reduction ``r >= 1`` of the sign / probability grid.
+        eps: ℓ∞ radius ε of the threat ball, on the `[0, 1]` scale.
+        norm: must be `"linf"` (SFA is an ℓ∞ attack).
+        alpha: initial projection step α on the `[0, 1]` pixel scale (> 0); None (default):
+            `ALPHA_FRACTION * eps`.
+        prob: initial keep-sign probability, in `[0.99, 0.9999]`.
+        resize_factor: dimensionality reduction `r >= 1` of the sign / probability grid.
         binary_steps: steps of the initial ℓ∞ binary search (>= 0).
 
     References:
@@ -201,7 +203,7 @@ class SignFlip(Attack):
         return project(x0 + delta, x0, self.eps, "linf")
 
     def _init_noise(self, oracle: Oracle, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        """Uniform noise redrawn until misclassified: ``x_a [N, C, H, W]``, ``found [N]`` bool.
+        """Uniform noise redrawn until misclassified: `x_a [N, C, H, W]`, `found [N]` bool.
 
         Every draw is a charged query (the official code charges none of them).
         """
@@ -221,10 +223,10 @@ class SignFlip(Attack):
         return x_a, found
 
     def _binary_search(self, oracle: Oracle, x_a: Tensor, found: Tensor) -> Tensor:
-        """ℓ∞ binary search of the radius ``u [N]`` between 0 and ``||x_a - x0||_∞`` (official).
+        """ℓ∞ binary search of the radius `u [N]` between 0 and `||x_a - x0||_∞` (official).
 
-        The point tested at radius ``mid`` is ``x_a`` projected onto the ball of that radius; ``u``
-        shrinks to ``mid`` when it is misclassified, else the lower end rises to ``mid``.
+        The point tested at radius `mid` is `x_a` projected onto the ball of that radius; `u`
+        shrinks to `mid` when it is misclassified, else the lower end rises to `mid`.
         """
         x0, y = oracle.x0, oracle.y
         lo = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
@@ -310,7 +312,7 @@ class SignFlip(Attack):
 
 
 def _positive_float(name: str, value: float) -> float:
-    """Raise unless ``value`` is a finite real number > 0; return it as a float."""
+    """Raise unless `value` is a finite real number > 0; return it as a float."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"Expected argument `{name}` to be a float > 0, but got {value!r}.")
     v = float(value)

@@ -1,12 +1,12 @@
-"""Settings of one evaluation: :class:`EvalConfig`, the names it accepts, default radii, seeds.
+"""Settings of one evaluation: [EvalConfig][randfeat.eval.grid.config.EvalConfig] and seeds.
 
 The grid of Nguyen et al., "Understanding the Robustness of Randomized Feature Defense Against
-Query-Based Adversarial Attacks", ICLR 2024 (§5, appendix D), as settings: :class:`EvalConfig`
-holds every setting of a ``randfeat eval`` run and :meth:`EvalConfig.from_mapping` validates them
-(unknown names get the closest valid ones). :data:`ATTACKS`, :data:`DEFENSE_KINDS` and
-:data:`DATA_KINDS` are the names it accepts, :data:`PAPER_EPS` / :data:`DIGITS_EPS` the default
-radii; :func:`make_attack` builds an attack from its name and :func:`derive_seed` gives every unit
-of work its own seed. The paper's grids (``--preset``) are in :mod:`randfeat.cli`.
+Query-Based Adversarial Attacks", ICLR 2024 (§5, appendix D), as settings: `EvalConfig` holds
+every setting of a `randfeat eval` run, and `EvalConfig.from_mapping` validates them against the
+registries (attacks: `randfeat.eval.ATTACKS`; data sets: `randfeat.eval.datasets.DATA_SETS`;
+models: `randfeat.eval.models.sources.MODEL_SOURCES`), naming the closest valid name for an
+unknown one. [derive_seed][randfeat.eval.grid.config.derive_seed] gives every unit of work its
+own seed. The paper's grids (`--preset`) are in [randfeat.eval.grid.presets][].
 """
 
 from __future__ import annotations
@@ -16,75 +16,46 @@ import difflib
 import hashlib
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from randfeat.eval.attacks.base import Attack
+from randfeat.eval.attacks.registry import ATTACKS
+from randfeat.eval.datasets import DataSpec
+from randfeat.eval.errors import ConfigError
+from randfeat.eval.models.sources import ModelSource, model_source
 
-__all__ = [
-    "ATTACKS",
-    "DATA_KINDS",
-    "DEFENSE_KINDS",
-    "DIGITS_EPS",
-    "PAPER_EPS",
-    "ConfigError",
-    "EvalConfig",
-    "derive_seed",
-    "make_attack",
-]
-
-PAPER_EPS = {"linf": 0.05, "l2": 5.0}
-"""The paper's radii for 224×224 images in ``[0, 1]`` (§5, Tables 1–2)."""
-DIGITS_EPS = {"linf": 0.2, "l2": 1.5}
-"""Radii for the 8×8 digits: the paper's 0.05 / 5 are meaningless at 64 pixels (ℓ2 5 exceeds the
-whole image's range, ℓ∞ 0.05 is under one grey level of 16)."""
+__all__ = ["DEFENSE_KINDS", "EvalConfig", "derive_seed"]
 
 DEFENSE_KINDS = ("base", "input", "feature", "aaa")
-DATA_KINDS = ("digits", "cifar10", "imagenet")
-_BASE_ATTACKS = (
-    "square-linf",
-    "square-l2",
-    "nes-linf",
-    "nes-l2",
-    "signhunter-linf",
-    "signhunter-l2",
-    "rays",
-    "signflip",
-)
-ATTACKS = (*_BASE_ATTACKS, *(f"eot-{a}" for a in _BASE_ATTACKS))
-"""Every attack name ``--attacks`` accepts; ``eot-<name>`` averages ``eot_m`` forwards a query."""
-
-
-class ConfigError(ValueError):
-    """A bad setting, name, path or file: the CLI prints the message and exits with code 2."""
+"""The defenses `--defenses` accepts: none, RND, randomized features, AAA."""
 
 
 # ---------------------------------------------------------------------------- configuration
 @dataclass(frozen=True)
 class EvalConfig:
-    """Every setting of one evaluation (the keys of ``--config`` TOML files and of the header).
+    """Every setting of one evaluation (the keys of `--config` TOML files and of the header).
 
-    Build it with :meth:`from_mapping`, which validates and fills in data-dependent defaults
-    (``n_images``: 100 for digits, else 1000 as in the paper; ``eps`` / ``eps_l2``: the paper's
+    Build it with `from_mapping`, which validates and fills in data-dependent defaults
+    (`n_images`: 100 for digits, else 1000 as in the paper; `eps` / `eps_l2`: the paper's
     0.05 / 5, or 0.2 / 1.5 on the 8×8 digits).
 
     Attributes:
-        model, pretrained, checkpoint, num_classes: ``"digits-cnn"`` or a timm name, and how to
+        model, pretrained, checkpoint, num_classes: `"digits-cnn"` or a timm name, and how to
             get its weights and classifier size.
-        image_size, data: ``"digits"``, ``"cifar10:PATH"`` or ``"imagenet:PATH"`` (ImageFolder),
-            resized to ``image_size`` (ImageFolder default: the model's native size).
+        image_size, data: `"digits"`, `"cifar10:PATH"` or `"imagenet:PATH"` (ImageFolder),
+            resized to `image_size` (ImageFolder default: the model's native size).
         n_images, calib_images, calib_draws: attacked images (class-balanced), held-out
             calibration images (default: the rest of the pool, at most 1000) and noise draws per
-            calibration image (default: :func:`~randfeat.calibration.calibrate_nu`'s).
-        defenses, layers, target_drop: defense kinds (:data:`DEFENSE_KINDS`), the feature
+            calibration image (default: `calibrate_nu`'s).
+        defenses, layers, target_drop: defense kinds (`DEFENSE_KINDS`), the feature
             defense's layer specs, and the clean-accuracy drops ν is calibrated to.
-        attacks, budgets, eps, eps_l2, votes, eot_m: the attack grid (:data:`ATTACKS`), query
+        attacks, budgets, eps, eps_l2, votes, eot_m: the attack grid (`ATTACKS`), query
             budgets, radii, success votes (D.4) and forwards per EOT query.
-        fresh_forwards: forwards per image for ``fresh`` (:func:`~randfeat.eval.oracle.rejudge`).
+        fresh_forwards: forwards per image for `fresh` (`rejudge`).
         batch_size, forward_batch: images per unit (chunk), most rows per model forward.
-        seed, device, quiet, out, preset: see ``randfeat eval --help``.
-        eps_source: where ``eps`` / ``eps_l2`` came from (derived; not a setting).
+        seed, device, quiet, out, preset: see `randfeat eval --help`.
+        eps_source: where `eps` / `eps_l2` came from (derived; not a setting).
     """
 
     model: str = "digits-cnn"
@@ -117,12 +88,12 @@ class EvalConfig:
 
     @classmethod
     def keys(cls) -> list[str]:
-        """The setting names (``eps_source`` is derived, not a setting)."""
+        """The setting names (`eps_source` is derived, not a setting)."""
         return [f.name for f in dataclasses.fields(cls) if f.name != "eps_source"]
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> EvalConfig:
-        """Validate ``values`` (strings or lists for list settings) and fill in the defaults.
+        """Validate `values` (strings or lists for list settings) and fill in the defaults.
 
         Raises:
             ConfigError: an unknown key, an unknown name (with close matches) or a bad value.
@@ -132,13 +103,12 @@ class EvalConfig:
         if unknown:
             raise ConfigError(_unknown("setting", unknown[0], cls.keys()))
         d = cls()
-        kind, _ = _split_data(str(v.get("data", d.data)))
-        defaults = DIGITS_EPS if kind == "digits" else PAPER_EPS
+        dataset = DataSpec.parse(str(v.get("data", d.data))).dataset
         source = "user"
-        eps = _opt_float(v, "eps", positive=True)
-        eps_l2 = _opt_float(v, "eps_l2", positive=True)
+        eps = _opt_float(v, "eps")
+        eps_l2 = _opt_float(v, "eps_l2")
         if eps is None or eps_l2 is None:
-            source = f"{'digits' if kind == 'digits' else 'paper'} default"
+            source = dataset.eps_source
             if eps is not None or eps_l2 is not None:
                 source += " (partly user)"
         cfg = cls(
@@ -148,7 +118,7 @@ class EvalConfig:
             num_classes=_opt_int(v, "num_classes"),
             image_size=_opt_int(v, "image_size"),
             data=str(v.get("data", d.data)),
-            n_images=_opt_int(v, "n_images") or (100 if kind == "digits" else 1000),
+            n_images=_opt_int(v, "n_images") or dataset.n_images,
             calib_images=_opt_int(v, "calib_images"),
             calib_draws=_opt_int(v, "calib_draws"),
             defenses=_names(v.get("defenses", d.defenses), DEFENSE_KINDS, "defense"),
@@ -156,8 +126,8 @@ class EvalConfig:
             target_drop=_drops(v.get("target_drop", d.target_drop)),
             attacks=_names(v.get("attacks", d.attacks), ATTACKS, "attack"),
             budgets=_ints(v.get("budgets", d.budgets), "budgets"),
-            eps=defaults["linf"] if eps is None else eps,
-            eps_l2=defaults["l2"] if eps_l2 is None else eps_l2,
+            eps=dataset.eps_linf if eps is None else eps,
+            eps_l2=dataset.eps_l2 if eps_l2 is None else eps_l2,
             votes=_opt_int(v, "votes") or d.votes,
             eot_m=_opt_int(v, "eot_m") or d.eot_m,
             fresh_forwards=_opt_int(v, "fresh_forwards") or d.fresh_forwards,
@@ -176,18 +146,7 @@ class EvalConfig:
                 f"Expected distinct `target_drop` values, but {cfg.target_drop} give the "
                 f"defense names {names}."
             )
-        _check_model_name(cfg.model)
-        if cfg.model == "digits-cnn" and kind != "digits":
-            raise ConfigError(
-                f"--model digits-cnn takes 8×8 digits only, but --data is {cfg.data!r}. "
-                "Use --data digits, or a timm model name for CIFAR-10 / ImageNet."
-            )
-        if cfg.model != "digits-cnn" and kind == "digits":
-            raise ConfigError(
-                f"--data digits (1×8×8 images) needs --model digits-cnn, but got {cfg.model!r}."
-            )
-        if cfg.model == "digits-cnn" and cfg.pretrained:
-            raise ConfigError("--pretrained is for timm models; digits-cnn is always trained.")
+        _check_model(cfg, model_source(cfg.model))
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -198,8 +157,17 @@ class EvalConfig:
         for k in self.keys():
             yield k, getattr(self, k)
 
+    @property
+    def data_spec(self) -> DataSpec:
+        """The parsed `data` setting."""
+        return DataSpec.parse(self.data)
+
+    def radius(self, norm: Literal["linf", "l2"]) -> float:
+        """The radius of the `norm` ball: `eps` (ℓ∞) or `eps_l2`."""
+        return float((self.eps_l2 if norm == "l2" else self.eps) or 0.0)
+
     def defense_names(self) -> list[str]:
-        """``base``, ``aaa``, and ``input@<drop>`` / ``feature@<drop>`` for every target drop."""
+        """`base`, `aaa`, and `input@<drop>` / `feature@<drop>` for every target drop."""
         out: list[str] = []
         for kind in self.defenses:
             if kind in ("input", "feature"):
@@ -209,25 +177,25 @@ class EvalConfig:
         return out
 
 
-def _check_model_name(name: str) -> None:
-    """``digits-cnn`` or a timm model name (``arch`` or ``arch.tag``), else a ConfigError."""
-    if name == "digits-cnn":
-        return
-    import timm
+def _check_model(cfg: EvalConfig, source: ModelSource) -> None:
+    """The model's name, its data set and `--pretrained` agree with each other, else ConfigError."""
+    source.check(cfg.model)
+    dataset = cfg.data_spec.dataset
+    if source.data is not None and dataset.name not in source.data:
+        raise ConfigError(
+            f"--model {cfg.model} takes --data {', '.join(source.data)} only, but --data is "
+            f"{cfg.data!r}. Use --data {source.data[0]}, or another model for {dataset.name}."
+        )
+    if dataset.models is not None and cfg.model not in dataset.models:
+        raise ConfigError(
+            f"--data {dataset.name} needs --model {' or '.join(dataset.models)}, but got "
+            f"{cfg.model!r}."
+        )
+    if cfg.pretrained and not source.pretrained:
+        raise ConfigError(f"--pretrained does not apply to {cfg.model}: its weights are its own.")
 
-    known = timm.list_models()
-    if name.split(".")[0] in known:
-        return
-    close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
-    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-    raise ConfigError(
-        f"Unknown model {name!r}.{hint} Valid models: 'digits-cnn' or any of the {len(known)} "
-        "names in timm.list_models() (e.g. resnet50, vgg19, vit_base_patch16_224, "
-        "deit_base_patch16_224)."
-    )
 
-
-def _unknown(what: str, name: str, valid: Sequence[str]) -> str:
+def _unknown(what: str, name: str, valid: Collection[str]) -> str:
     close = difflib.get_close_matches(name, list(valid), n=3, cutoff=0.5)
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
     return f"Unknown {what} {name!r}.{hint} Valid {what}s: {', '.join(valid)}."
@@ -248,7 +216,7 @@ def _split(value: object, name: str) -> list[str]:
     return items
 
 
-def _names(value: object, valid: Sequence[str], what: str) -> tuple[str, ...]:
+def _names(value: object, valid: Collection[str], what: str) -> tuple[str, ...]:
     items = _split(value, f"{what}s")
     for s in items:
         if s not in valid:
@@ -290,7 +258,7 @@ def _drops(value: object) -> tuple[float, ...]:
 
 
 def _as_int(x: object) -> int | None:
-    """``x`` as an int if it is an int or a string of one (not a bool or a float), else None."""
+    """`x` as an int if it is an int or a string of one (not a bool or a float), else None."""
     if isinstance(x, bool) or not isinstance(x, (int, str)):
         return None
     try:
@@ -309,7 +277,7 @@ def _opt_int(v: Mapping[str, Any], name: str) -> int | None:
     return n
 
 
-def _opt_float(v: Mapping[str, Any], name: str, *, positive: bool) -> float | None:
+def _opt_float(v: Mapping[str, Any], name: str) -> float | None:
     x = v.get(name)
     if x is None:
         return None
@@ -317,7 +285,7 @@ def _opt_float(v: Mapping[str, Any], name: str, *, positive: bool) -> float | No
         f = float(x) if not isinstance(x, bool) else math.nan
     except (TypeError, ValueError):
         f = math.nan
-    if not math.isfinite(f) or (positive and f <= 0):
+    if not math.isfinite(f) or f <= 0:
         raise ConfigError(f"Expected `{name}` to be a finite float > 0, but got {x!r}.")
     return f
 
@@ -336,60 +304,7 @@ def _seed(x: object) -> int:
     return n
 
 
-def _split_data(spec: str) -> tuple[str, str | None]:
-    kind, sep, path = spec.partition(":")
-    if kind not in DATA_KINDS:
-        raise ConfigError(
-            _unknown("data set", kind, DATA_KINDS)
-            + " Use 'digits', 'cifar10:PATH' or 'imagenet:PATH' (an ImageFolder directory)."
-        )
-    if kind == "digits":
-        if sep:
-            raise ConfigError("--data digits takes no path (the digits are embedded).")
-        return kind, None
-    if not path:
-        raise ConfigError(f"--data {kind} needs a local path: --data {kind}:PATH.")
-    return kind, path
-
-
 def derive_seed(seed: int, *parts: object) -> int:
-    """A 63-bit seed from ``seed`` and ``parts`` (stable across runs, ranks and platforms)."""
+    """A 63-bit seed from `seed` and `parts` (stable across runs, ranks and platforms)."""
     blob = json.dumps([seed, *parts], separators=(",", ":")).encode()
     return int.from_bytes(hashlib.sha256(blob).digest()[:8], "big") >> 1
-
-
-# ---------------------------------------------------------------------------- attacks
-def make_attack(name: str, eps: float, eps_l2: float, eot_m: int) -> Attack:
-    """The attack called ``name`` (see :data:`ATTACKS`), at radius ``eps`` (ℓ∞) or ``eps_l2``.
-
-    Raises:
-        ConfigError: unknown name.
-    """
-    if name not in ATTACKS:
-        raise ConfigError(_unknown("attack", name, ATTACKS))
-    if name.startswith("eot-"):
-        from randfeat.eval.attacks.eot import EOT
-
-        return EOT(make_attack(name[4:], eps, eps_l2, eot_m), eot_m)
-    family, _, norm = name.partition("-")
-    r = eps_l2 if norm == "l2" else eps
-    p: Literal["linf", "l2"] = "l2" if norm == "l2" else "linf"
-    if family == "square":
-        from randfeat.eval.attacks.square import Square
-
-        return Square(r, p)
-    if family == "nes":
-        from randfeat.eval.attacks.nes import NES
-
-        return NES(r, p)
-    if family == "signhunter":
-        from randfeat.eval.attacks.signhunter import SignHunter
-
-        return SignHunter(r, p)
-    if family == "rays":
-        from randfeat.eval.attacks.rays import RayS
-
-        return RayS(r)
-    from randfeat.eval.attacks.signflip import SignFlip
-
-    return SignFlip(r)

@@ -1,9 +1,8 @@
-"""Markdown and CSV renderings of a :class:`~randfeat.eval.report.Table`.
+"""Markdown and CSV renderings of a [Table][randfeat.eval.report.summary.Table].
 
 The tables follow Tables 1–2 and 5 of Nguyen et al., "Understanding the Robustness of Randomized
-Feature Defense Against Query-Based Adversarial Attacks" (ICLR 2024); :mod:`randfeat.eval.report`
-builds them from a result file (:func:`~randfeat.eval.report.summarize`) and re-exports
-:func:`to_markdown` and :func:`to_csv`.
+Feature Defense Against Query-Based Adversarial Attacks" (ICLR 2024);
+[summarize][randfeat.eval.report.summary.summarize] builds them from a result file.
 """
 
 from __future__ import annotations
@@ -12,10 +11,8 @@ import csv
 import io
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # report.py imports this module at load time; the types are for annotations only
-    from randfeat.eval.report import Column, Table, TableRow
+from randfeat.eval.report.summary import Cell, Table, TableRow
 
 __all__ = ["to_csv", "to_markdown"]
 
@@ -28,17 +25,26 @@ def _nu(x: float | None) -> str:
     return "–" if x is None else f"{x:.3g}"
 
 
-def _cell_text(table: Table, row: TableRow, col: Column) -> str:
-    cell = row.cells.get((col.attack, col.budget))
+def _cell_text(row: TableRow, cell: Cell | None) -> str:
     if cell is None:
         return "–"
     mark = "*" if cell.n != row.n_attacked else ""
     return f"{100 * cell.verified:.1f} / {100 * cell.fresh:.1f}{mark}"
 
 
+def _cells(table: Table, row: TableRow) -> list[Cell | None]:
+    """The row's cells in column order, then its worst cases."""
+    cells = [row.cells.get((c.attack, c.budget)) for c in table.columns]
+    return cells + [row.worst.get(b) for b in table.worst_budgets]
+
+
+def _labels(table: Table) -> list[str]:
+    return [c.label for c in table.columns] + [f"Worst case {b}" for b in table.worst_budgets]
+
+
 def to_markdown(table: Table) -> str:
     """The table as GitHub Markdown (columns padded for a terminal), with its legend."""
-    head = ["Model", "Defense", "ν", "Acc", "Drop", "Clean", *(c.label for c in table.columns)]
+    head = ["Model", "Defense", "ν", "Acc", "Drop", "Clean", *_labels(table)]
     body = []
     last_model = None
     for r in table.rows:
@@ -50,7 +56,7 @@ def to_markdown(table: Table) -> str:
                 _fmt(r.accuracy, ".2f", 100),
                 _fmt(r.drop, ".2f", 100),
                 _fmt(r.clean, ".1f", 100),
-                *(_cell_text(table, r, c) for c in table.columns),
+                *(_cell_text(r, c) for c in _cells(table, r)),
             ]
         )
         last_model = r.model
@@ -88,7 +94,7 @@ def to_csv(table: Table) -> str:
             *fixed,
             "clean_pct",
             "n_clean",
-            *(f"{c.label} {kind}" for c in table.columns for kind in ("verified", "fresh", "n")),
+            *(f"{label} {kind}" for label in _labels(table) for kind in ("verified", "fresh", "n")),
         ]
     )
 
@@ -99,8 +105,7 @@ def to_csv(table: Table) -> str:
 
     for r in table.rows:
         cells: list[str] = []
-        for c in table.columns:
-            cell = r.cells.get((c.attack, c.budget))
+        for cell in _cells(table, r):
             cells += (
                 ["", "", "0"]
                 if cell is None

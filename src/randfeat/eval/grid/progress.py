@@ -1,8 +1,8 @@
 """Progress of an evaluation run on rank 0: a tqdm bar per (defense, attack, budget), a log line.
 
-Part of ``randfeat eval``, the protocol of Nguyen et al., "Understanding the Robustness of
+Part of `randfeat eval`, the protocol of Nguyen et al., "Understanding the Robustness of
 Randomized Feature Defense Against Query-Based Adversarial Attacks", ICLR 2024 (§5). tqdm is
-optional (the ``eval`` extra): without it, or when the bars are off, only the summary lines are
+optional (the `eval` extra): without it, or when the bars are off, only the summary lines are
 logged.
 """
 
@@ -13,7 +13,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from randfeat.eval.units import _Unit
+from randfeat.eval.records import AttackRow, Row, Unit
+
+__all__ = ["Progress"]
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +29,7 @@ class _Tally:
     t0: float = field(default_factory=time.perf_counter)
 
 
-class _Progress:
+class Progress:
     """One tqdm bar per (defense, attack, budget) on rank 0 (images, queries/s, ETA) + a log line.
 
     The bars are off unless asked for and stderr is a terminal; the summary lines are logged.
@@ -35,16 +37,17 @@ class _Progress:
 
     def __init__(self, n_images: int, enabled: bool) -> None:
         self.n, self.enabled = n_images, enabled
-        self.tally: dict[tuple[Any, ...], _Tally] = {}
-        self.bars: dict[tuple[Any, ...], Any] = {}
-        self.started: set[tuple[Any, ...]] = set()
+        self.tally: dict[tuple[object, ...], _Tally] = {}
+        self.bars: dict[tuple[object, ...], Any] = {}
+        self.started: set[tuple[object, ...]] = set()
 
-    def skip(self, unit: _Unit, images: int) -> None:
+    def skip(self, unit: Unit, images: int) -> None:
+        """Count a unit already in the file (bars and summaries include it)."""
         t = self.tally.setdefault(unit.group, _Tally())
         t.images += images
         t.skipped += images
 
-    def begin(self, units: list[_Unit]) -> None:
+    def begin(self, units: list[Unit]) -> None:
         """Start the clocks (and bars) of the groups a round of units is about to run."""
         for u in units:
             t = self.tally.setdefault(u.group, _Tally())
@@ -53,14 +56,16 @@ class _Progress:
                 t.t0 = time.perf_counter()
                 self._bar(u, t)
 
-    def update(self, unit: _Unit, rows: list[dict[str, Any]]) -> None:
+    def update(self, unit: Unit, rows: list[Row]) -> None:
+        """Count a finished unit's rows; log the group's summary when its last unit is in."""
         t = self.tally.setdefault(unit.group, _Tally())
         t.images += len(rows)
-        if unit.kind == "attack":
-            t.queries += sum(int(r["queries"]) for r in rows)
-            t.wrong += sum(bool(r["success"]) for r in rows)
-        else:
-            t.wrong += sum(not r["correct"] for r in rows)
+        for r in rows:
+            if isinstance(r, AttackRow):
+                t.queries += r.queries
+                t.wrong += r.success
+            else:
+                t.wrong += not r.correct
         bar = self._bar(unit, t)
         if bar is not None:
             bar.update(len(rows))
@@ -70,7 +75,7 @@ class _Progress:
         if t.images >= self.n:
             self._finish(unit, t)
 
-    def _bar(self, unit: _Unit, t: _Tally) -> Any:
+    def _bar(self, unit: Unit, t: _Tally) -> Any:
         if not self.enabled:
             return None
         if unit.group not in self.bars:
@@ -88,7 +93,7 @@ class _Progress:
             )
         return self.bars[unit.group]
 
-    def _finish(self, unit: _Unit, t: _Tally) -> None:
+    def _finish(self, unit: Unit, t: _Tally) -> None:
         bar = self.bars.pop(unit.group, None)
         if bar is not None:
             bar.close()
@@ -109,6 +114,7 @@ class _Progress:
             )
 
     def close(self) -> None:
+        """Close every bar."""
         for bar in self.bars.values():
             bar.close()
         self.bars.clear()

@@ -2,21 +2,28 @@
 
 The robust accuracy of the tables of Nguyen et al., "Understanding the Robustness of Randomized
 Feature Defense Against Query-Based Adversarial Attacks", ICLR 2024 (§5, Tables 1–2), at every
-query count up to the budget: :func:`robust_curve` computes ``RA(q) = 1 − P[success_query <= q]``
-from the attack rows of a result file (:mod:`randfeat.eval.results`), and :func:`plot_curves`
-draws it for every defense with the names and the table of :mod:`randfeat.eval.report`. matplotlib
-is the optional ``plot`` extra, imported lazily.
+query count up to the budget: [robust_curve][randfeat.eval.report.plot.robust_curve] computes
+$RA(q) = 1 - P[\text{success\\_query} \\le q]$ from the attack rows of a result file (with
+`randfeat.eval.oracle.robust_accuracy_curve`, the one implementation), and
+[plot_curves][randfeat.eval.report.plot.plot_curves] draws it for every defense with the names and
+the table of [randfeat.eval.report.summary][]. matplotlib is the optional `plot` extra, imported
+lazily.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from randfeat.eval.report import ReportError, _group, _points, _radii, attack_label, summarize
+import torch
+
+from randfeat.eval.errors import ReportError
+from randfeat.eval.oracle import robust_accuracy_curve
+from randfeat.eval.records import AttackRow, Header, Row
+from randfeat.eval.report.summary import attack_label, attack_rows_by_cell, points, summarize
 
 __all__ = ["plot_curves", "robust_curve"]
 
@@ -38,36 +45,35 @@ def _pyplot() -> Any:
     return plt
 
 
-def robust_curve(rows: Sequence[Mapping[str, Any]], queries: Sequence[int]) -> list[float]:
-    """Robust accuracy at each query count: ``RA(q) = 1 − #{success and success_query <= q} / N``.
+def robust_curve(rows: Sequence[AttackRow], queries: Sequence[int]) -> list[float]:
+    """Robust accuracy at each query count: $RA(q) = 1 - \\#\\{\text{success}, \text{success\\_query} \\le q\\} / N$.
 
     Args:
         rows: the attack rows of one (defense, attack, budget), one per image.
-        queries: query counts ``q`` at which to evaluate.
+        queries: query counts `q` at which to evaluate.
 
     Returns:
-        ``RA(q)`` for every ``q`` (fractions; ``[]`` for no rows).
+        `RA(q)` for every `q` (fractions; `[]` for no rows).
     """
-    import bisect
-
-    n = len(rows)
-    if n == 0:
+    if not rows:
         return []
-    hits = sorted(int(r["success_query"]) for r in rows if r["success"])
-    return [1.0 - bisect.bisect_right(hits, q) / n for q in queries]
+    success = torch.tensor([r.success for r in rows])
+    first = torch.tensor([r.success_query for r in rows], dtype=torch.long)
+    curve = robust_accuracy_curve(success, first, torch.tensor(list(queries), dtype=torch.long))
+    return [float(v) for v in curve.tolist()]
 
 
 def plot_curves(
-    header: Mapping[str, Any],
-    rows: Sequence[Mapping[str, Any]],
+    header: Header,
+    rows: Sequence[Row],
     path: str | os.PathLike[str],
     *,
     dpi: int = 150,
 ) -> Path:
     """Draw robust accuracy against queries, one subplot per attack, one line per defense.
 
-    Each line is :func:`robust_curve` of the defense's run with the largest budget for that attack;
-    a hollow marker at the budget shows the robust accuracy re-judged afresh (``1 − mean(fresh)``).
+    Each line is `robust_curve` of the defense's run with the largest budget for that attack;
+    a hollow marker at the budget shows the robust accuracy re-judged afresh (`1 − mean(fresh)`).
 
     Args:
         header: the header record of the result file.
@@ -76,10 +82,10 @@ def plot_curves(
         dpi: resolution of the PNG.
 
     Returns:
-        ``path`` as a :class:`~pathlib.Path`.
+        `path` as a `Path`.
 
     Raises:
-        ImportError: matplotlib is not installed (fix: ``pip install "randfeat[plot]"``).
+        ImportError: matplotlib is not installed (fix: `pip install "randfeat[plot]"`).
         ReportError: the rows hold no attack results.
     """
     table = summarize(header, rows)
@@ -88,10 +94,11 @@ def plot_curves(
     plt = _pyplot()
     from matplotlib import ticker
 
-    _, groups = _group(rows)
+    groups = attack_rows_by_cell(rows)
     attacks = list(dict.fromkeys(c.attack for c in table.columns))
     budgets = sorted({c.budget for c in table.columns})
-    eot_m = header.get("config", {}).get("eot_m")
+    eot_m = header.config.get("eot_m")
+    eot_m = eot_m if isinstance(eot_m, int) else None
     kinds = [trow.defense.partition("@")[0] for trow in table.rows]
     # one colour per kind of defense; several target drops of one kind differ by line style
     styles = [_STYLES[kinds[:i].count(k) % len(_STYLES)] for i, k in enumerate(kinds)]
@@ -146,7 +153,7 @@ def plot_curves(
         targets = sorted({r.target_drop for r in table.rows if r.target_drop is not None})
         title = "Defense"
         if len(targets) == 1:
-            title += f" (ν for a ≈{_points(targets[0])}-point drop)"
+            title += f" (ν for a ≈{points(targets[0])}-point drop)"
         bottom = 0.0
         if spare:
             flat[-1].legend(
@@ -162,11 +169,11 @@ def plot_curves(
             fig.legend(items, labels, loc="lower center", ncol=ncol, frameon=False)
             height = fig.get_figheight()
             bottom = (0.3 + 0.32 * math.ceil(len(items) / ncol)) / height
-        data = header.get("data", {}).get("name", "?")
+        data = header.data.name
         model = table.rows[0].model if table.rows else "?"
         fig.suptitle(
             f"{model} on {data}: robust accuracy vs. queries\n"
-            f"{table.n_images} images, {_radii(header, table.columns)}, "
+            f"{table.n_images} images, {table.radii}, "
             f"budget {', '.join(map(str, budgets))}, "
             f"success verified by a majority of {table.votes} votes",
             fontsize=13,

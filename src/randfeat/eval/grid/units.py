@@ -1,0 +1,196 @@
+"""Units of work of the evaluation grid: one chunk of images under one (defense, attack, budget).
+
+Part of `randfeat eval`, the protocol of Nguyen et al., "Understanding the Robustness of
+Randomized Feature Defense Against Query-Based Adversarial Attacks", ICLR 2024 (§5). A
+[Unit][randfeat.eval.records.Unit] is one chunk of `batch_size` attacked images (chunk `c` holds
+`attacked_indices[c * batch_size:(c + 1) * batch_size]`) under one (defense, attack, budget), or
+under one defense for the clean rows; [UnitRunner.run][randfeat.eval.grid.units.UnitRunner.run]
+computes its rows. Each unit restarts the defense's noise stream and the attack's generator from
+seeds of the unit alone ([derive_seed][randfeat.eval.grid.config.derive_seed]), so its rows do not
+depend on which rank runs it, on how many ranks there are, or on what ran before.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from randfeat.eval.attacks.base import Attack
+from randfeat.eval.attacks.registry import ATTACKS
+from randfeat.eval.defenses import AAA
+from randfeat.eval.grid.config import EvalConfig, derive_seed
+from randfeat.eval.oracle import distance, rejudge
+from randfeat.eval.records import AttackRow, CalibratedDefense, CleanRow, Header, Row, Unit
+from randfeat.wrapper import RandomizedFeatureWrapper, wrap
+
+__all__ = ["UnitRunner", "build_attacks", "build_defenses", "grid_units"]
+
+
+def grid_units(cfg: EvalConfig, n_chunks: int) -> list[Unit]:
+    """Every unit of the grid, in the order they run: per defense, its clean units, then every
+    (attack, budget)."""
+    out: list[Unit] = []
+    for d in cfg.defense_names():
+        out += [Unit("clean", d, None, None, c) for c in range(n_chunks)]
+        for a in cfg.attacks:
+            for b in cfg.budgets:
+                out += [Unit("attack", d, a, b, c) for c in range(n_chunks)]
+    return out
+
+
+def build_attacks(cfg: EvalConfig) -> dict[str, Attack]:
+    """The grid's attacks by name, built from `randfeat.eval.ATTACKS` at the configured radii."""
+    out = {}
+    for name in cfg.attacks:
+        factory = ATTACKS[name]
+        out[name] = factory(cfg.radius(factory.norm), eot_m=cfg.eot_m)
+    return out
+
+
+def build_defenses(
+    cfg: EvalConfig, model: nn.Module, calibration: Mapping[str, CalibratedDefense]
+) -> dict[str, nn.Module]:
+    """The grid's defended models by name: `base` is `model`, `aaa` wraps it, and every
+    randomized defense is a wrapper with its calibrated ν (several wrappers may hook one model:
+    each hook acts only in its own forward)."""
+    out: dict[str, nn.Module] = {}
+    for name in cfg.defense_names():
+        if name == "base":
+            out[name] = model
+        elif name == "aaa":
+            out[name] = AAA(model)
+        else:
+            cal = calibration[name]
+            out[name] = wrap(model, layers=list(cal.layers), nu=cal.nu, seed=0)
+    return out
+
+
+@dataclass
+class UnitRunner:
+    """What every unit of one run needs: the settings, the attacked images, models and attacks.
+
+    Attributes:
+        cfg: the settings.
+        device: where the images and models live.
+        header: the result file's header.
+        x: `[n_attacked, C, H, W]` attacked images, on the CPU, in chunk order.
+        y: `[n_attacked]` their labels.
+        defended: defense name → defended model.
+        attacks: attack name → attack.
+    """
+
+    cfg: EvalConfig
+    device: torch.device
+    header: Header
+    x: Tensor
+    y: Tensor
+    defended: dict[str, nn.Module] = field(default_factory=dict)
+    attacks: dict[str, Attack] = field(default_factory=dict)
+
+    def chunk(self, c: int) -> tuple[Tensor, Tensor, list[int]]:
+        """The images, labels and dataset indices of chunk `c`, on the device."""
+        bs = self.cfg.batch_size
+        sl = slice(c * bs, (c + 1) * bs)
+        images = list(self.header.attacked_indices[sl])
+        return self.x[sl].to(self.device), self.y[sl].to(self.device), images
+
+    def run(self, unit: Unit) -> list[Row]:
+        """The rows of `unit`, in chunk order (see the module docstring for the seeds)."""
+        return _run_unit(self, unit)
+
+
+def _reseed(model: nn.Module, seed: int) -> None:
+    """Restart a randomized defense's noise stream (base and AAA are deterministic)."""
+    if isinstance(model, RandomizedFeatureWrapper):
+        model.manual_seed(seed)
+
+
+def _run_unit(ctx: UnitRunner, unit: Unit) -> list[Row]:
+    """One unit: the clean predictions or one attack on one chunk; its rows in chunk order.
+
+    The defense's noise stream and the attack's generator restart from seeds of the unit alone.
+    """
+    cfg = ctx.cfg
+    t0 = time.perf_counter()
+    x, y, images = ctx.chunk(unit.chunk)
+    model = ctx.defended[unit.defense]
+    randomized = isinstance(model, RandomizedFeatureWrapper)
+    parts = (unit.kind, unit.defense, unit.attack, unit.budget, unit.chunk)
+    _reseed(model, derive_seed(cfg.seed, "noise", *parts))
+    labels = y.tolist()
+    if unit.kind == "clean":
+        with torch.no_grad():
+            if isinstance(model, RandomizedFeatureWrapper):
+                pred = model.predict(x, votes=cfg.votes, batch_size=cfg.forward_batch)
+            else:
+                pred = torch.cat([model(c).argmax(dim=1) for c in x.split(cfg.forward_batch)])
+        seconds = time.perf_counter() - t0
+        return [
+            CleanRow(
+                image=img,
+                label=lab,
+                defense=unit.defense,
+                pred=p,
+                correct=p == lab,
+                chunk=unit.chunk,
+                seconds=seconds,
+            )
+            for img, lab, p in zip(images, labels, pred.tolist(), strict=True)
+        ]
+    attack = ctx.attacks[str(unit.attack)]
+    res = attack.run(
+        model,
+        x,
+        y,
+        budget=int(unit.budget or 0),
+        votes=cfg.votes,
+        seed=derive_seed(cfg.seed, "attack", *parts),
+        batch_size=cfg.forward_batch,
+    )
+    # Deterministic defenses (base, AAA) need one forward: the fooling probability is 0 or 1.
+    # rejudge repeats each image `forwards` times at once: pass it at most forward_batch rows.
+    forwards = cfg.fresh_forwards if randomized else 1
+    step = max(1, cfg.forward_batch // forwards)
+    fresh = torch.cat(
+        [
+            rejudge(model, xa, ya, votes=cfg.votes, forwards=forwards, batch_size=cfg.forward_batch)
+            for xa, ya in zip(res.x_adv.split(step), y.split(step), strict=True)
+        ]
+    )
+    dist = distance(res.x_adv, x, attack.norm)
+    seconds = time.perf_counter() - t0
+    cols = zip(
+        images,
+        labels,
+        res.success.tolist(),
+        res.queries.tolist(),
+        res.success_query.tolist(),
+        res.verify_forwards.tolist(),
+        fresh.tolist(),
+        dist.tolist(),
+        strict=True,
+    )
+    return [
+        AttackRow(
+            image=img,
+            label=lab,
+            defense=unit.defense,
+            attack=str(unit.attack),
+            budget=int(unit.budget or 0),
+            eps=attack.eps,
+            norm=attack.norm,
+            success=s,
+            queries=q,
+            success_query=sq,
+            verify_forwards=vf,
+            fresh=fr,
+            dist=di,
+            chunk=unit.chunk,
+            seconds=seconds,
+        )
+        for img, lab, s, q, sq, vf, fr, di in cols
+    ]

@@ -1,0 +1,147 @@
+"""Where `randfeat eval --model NAME` gets its model: [MODEL_SOURCES][randfeat.eval.models.sources.MODEL_SOURCES].
+
+A [ModelSource][randfeat.eval.models.sources.ModelSource] claims the names it can load, checks a
+name before any work is spent, and loads the model as a callable from images in $[0, 1]$ to
+logits. [model_source][randfeat.eval.models.sources.model_source] picks the first source that
+claims a name: `digits-cnn` (embedded, trained on first use), else timm.
+
+To add a model source, write its loader and add one `ModelSource` to `_SOURCES` (before timm,
+which claims every other name).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from randfeat.eval.errors import ConfigError
+from randfeat.eval.models.digits import DigitsCNN, digits_cnn
+from randfeat.eval.models.timm_models import load_timm
+
+__all__ = ["MODEL_SOURCES", "ModelRequest", "ModelSource", "model_source"]
+
+
+@dataclass(frozen=True)
+class ModelRequest:
+    """What the configuration asks of a model.
+
+    Attributes:
+        name: the `--model` name.
+        pretrained: load the source's pretrained weights.
+        checkpoint: a local `state_dict` file.
+        num_classes: classifier outputs (None: the model's own).
+    """
+
+    name: str
+    pretrained: bool = False
+    checkpoint: str | None = None
+    num_classes: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One place models come from.
+
+    Attributes:
+        name: the source's name (`digits-cnn`, `timm`).
+        usage: what `--model` takes from it, for messages.
+        claims: whether a `--model` name is this source's.
+        check: raise [ConfigError][randfeat.eval.errors.ConfigError] on a name it cannot load
+            (listing close matches), before any work is spent.
+        load: the model, in eval mode, taking images in $[0, 1]$.
+        data: the only data sets it takes (None: any).
+        pretrained: whether `--pretrained` means anything for it.
+        native_size: its own input side, for data sets that default to it (None: unknown).
+    """
+
+    name: str
+    usage: str
+    claims: Callable[[str], bool]
+    check: Callable[[str], None]
+    load: Callable[[ModelRequest], nn.Module]
+    data: tuple[str, ...] | None = None
+    pretrained: bool = True
+    native_size: Callable[[nn.Module], int | None] = lambda model: None
+
+
+def _load_digits(req: ModelRequest) -> nn.Module:
+    if req.checkpoint is None:
+        return digits_cnn()
+    model = DigitsCNN(req.num_classes or 10, generator=torch.Generator())
+    try:
+        model.load_state_dict(torch.load(req.checkpoint, map_location="cpu", weights_only=True))
+    except (OSError, RuntimeError, KeyError, ValueError) as err:
+        raise ConfigError(f"Cannot load --checkpoint {req.checkpoint!r}: {err}") from err
+    return model.eval()
+
+
+def _check_timm(name: str) -> None:
+    import timm
+
+    known = timm.list_models()
+    if name.split(".")[0] in known:  # timm also takes "arch.tag"
+        return
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+    hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+    raise ConfigError(
+        f"Unknown model {name!r}.{hint} Valid models: 'digits-cnn' or any of the {len(known)} "
+        "names in timm.list_models() (e.g. resnet50, vgg19, vit_base_patch16_224, "
+        "deit_base_patch16_224)."
+    )
+
+
+def _load_timm(req: ModelRequest) -> nn.Module:
+    try:
+        return load_timm(
+            req.name,
+            pretrained=req.pretrained,
+            checkpoint=req.checkpoint,
+            num_classes=req.num_classes,
+        )
+    except (FileNotFoundError, RuntimeError, ValueError) as err:
+        raise ConfigError(f"Cannot load model {req.name!r}: {err}") from err
+    except Exception as err:  # e.g. no network for pretrained weights: say what to do
+        raise ConfigError(
+            f"Cannot create timm model {req.name!r} (pretrained={req.pretrained}): "
+            f"{type(err).__name__}: {err}. Offline, pass --checkpoint PATH instead."
+        ) from err
+
+
+def _timm_native_size(model: nn.Module) -> int | None:
+    inner = getattr(model, "model", model)
+    size = getattr(inner, "pretrained_cfg", {}).get("input_size")
+    return int(size[-1]) if size else None
+
+
+_SOURCES = (
+    ModelSource(
+        "digits-cnn",
+        "'digits-cnn' (embedded, trained on first use)",
+        claims=lambda name: name == "digits-cnn",
+        check=lambda name: None,
+        load=_load_digits,
+        data=("digits",),
+        pretrained=False,
+    ),
+    ModelSource(
+        "timm",
+        "a timm model name, e.g. resnet50",
+        claims=lambda name: True,
+        check=_check_timm,
+        load=_load_timm,
+        native_size=_timm_native_size,
+    ),
+)
+
+MODEL_SOURCES: tuple[ModelSource, ...] = _SOURCES
+"""The model sources, in the order they are asked to claim a `--model` name."""
+
+
+def model_source(name: str) -> ModelSource:
+    """The first source in [MODEL_SOURCES][randfeat.eval.models.sources.MODEL_SOURCES] that
+    claims `name` (timm claims every name no other source does)."""
+    return next(s for s in MODEL_SOURCES if s.claims(name))

@@ -1,0 +1,430 @@
+"""The records of a result file: typed, frozen, each with `to_json` and `from_json`.
+
+A result file of `randfeat eval` (JSON Lines, see [randfeat.eval.resultfile][]) holds one
+[Header][randfeat.eval.records.Header], then one [CleanRow][randfeat.eval.records.CleanRow] per
+(attacked image, defense) and one [AttackRow][randfeat.eval.records.AttackRow] per (attacked
+image, defense, attack, budget). Every module that writes or reads the file goes through these
+classes, so a field is named in one place. The documentation of each field (the `Attributes`
+sections below) is also the file's schema in `docs/evaluation.md`; a test regenerates that schema
+from the docstrings and fails when they disagree.
+
+`to_json` gives a JSON-ready `dict` (tuples become lists, nested records objects, and rows gain
+their `"type"`); `from_json` checks every field's presence and type and raises
+[ReportError][randfeat.eval.errors.ReportError] naming the field otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import ClassVar, Literal, TypeVar, Union, get_args, get_origin
+
+from randfeat.eval.errors import ReportError
+
+__all__ = [
+    "AttackInfo",
+    "AttackRow",
+    "CalibratedDefense",
+    "CleanRow",
+    "DataInfo",
+    "Header",
+    "JSONObject",
+    "ModelInfo",
+    "Radii",
+    "Row",
+    "Unit",
+    "row_from_json",
+]
+
+JSONObject = dict[str, object]
+"""A JSON object as `json.loads` returns it."""
+
+R = TypeVar("R", bound="_Record")
+
+
+class _Record:
+    """`to_json` / `from_json` for a frozen dataclass of JSON-typed fields."""
+
+    TYPE: ClassVar[str | None] = None  # the "type" written with the record, if any
+
+    def to_json(self) -> JSONObject:
+        """The record as a JSON-ready `dict` (field order kept; `"type"` first for rows)."""
+        out: JSONObject = {} if self.TYPE is None else {"type": self.TYPE}
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            out[f.name] = _encode(getattr(self, f.name))
+        return out
+
+    @classmethod
+    def from_json(cls: type[R], data: object) -> R:
+        """Build the record from a parsed JSON object, checking every field.
+
+        Raises:
+            ReportError: `data` is not an object, lacks a field, has a field of the wrong type or
+                an unknown field, or carries another `"type"`.
+        """
+        name = cls.TYPE or cls.__name__
+        if not isinstance(data, Mapping):
+            raise ReportError(f"Expected a {name} record (a JSON object), but got {_brief(data)}.")
+        if cls.TYPE is not None and data.get("type") != cls.TYPE:
+            raise ReportError(
+                f"Expected a record of type {cls.TYPE!r}, but got {data.get('type')!r}."
+            )
+        hints = typing.get_type_hints(cls)
+        fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(data) - fields - {"type"})
+        if unknown:
+            raise ReportError(
+                f"The {name} record has unknown field(s) {', '.join(unknown)}; expected "
+                f"{', '.join(sorted(fields))}. Was it written by another randfeat version?"
+            )
+        missing = [f for f in sorted(fields) if f not in data]
+        if missing:
+            raise ReportError(f"The {name} record lacks field(s) {', '.join(missing)}.")
+        values = {f: _decode(hints[f], data[f], f"{name}.{f}") for f in fields}
+        return cls(**values)
+
+
+def _encode(value: object) -> object:
+    if isinstance(value, _Record):
+        return value.to_json()
+    if isinstance(value, tuple):
+        return [_encode(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _encode(v) for k, v in value.items()}
+    return value
+
+
+def _brief(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _decode(tp: object, value: object, where: str) -> object:
+    """`value` checked against the type `tp` (and converted: lists to tuples, objects to records)."""
+    origin = get_origin(tp)
+    if tp is object:
+        return value
+    if isinstance(tp, type) and issubclass(tp, _Record):
+        return tp.from_json(value)
+    if origin in (Union, types.UnionType):
+        errors = []
+        for arg in get_args(tp):
+            try:
+                return _decode(arg, value, where)
+            except ReportError as err:
+                errors.append(err)
+        raise errors[-1]
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        raise ReportError(
+            f"Expected `{where}` to be one of {get_args(tp)}, but got {_brief(value)}."
+        )
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ReportError(f"Expected `{where}` to be a list, but got {_brief(value)}.")
+        (item, _) = get_args(tp)
+        return tuple(_decode(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict):
+        if not isinstance(value, Mapping):
+            raise ReportError(f"Expected `{where}` to be an object, but got {_brief(value)}.")
+        _, item = get_args(tp)
+        return {str(k): _decode(item, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ReportError(f"Expected `{where}` to be null, but got {_brief(value)}.")
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if tp in (bool, str) and isinstance(value, tp):
+        return value
+    name = getattr(tp, "__name__", str(tp))
+    raise ReportError(f"Expected `{where}` to be {name}, but got {_brief(value)}.")
+
+
+# ---------------------------------------------------------------------------- the header
+@dataclass(frozen=True)
+class Radii(_Record):
+    """The radii ε of the run.
+
+    Attributes:
+        linf: ℓ∞ radius used by the ℓ∞ attacks.
+        l2: ℓ2 radius used by the ℓ2 attacks.
+        source: where they came from: `"user"`, `"paper default"`, `"digits default"` (the data
+            set's name), or `"... (partly user)"`.
+    """
+
+    linf: float
+    l2: float
+    source: str
+
+
+@dataclass(frozen=True)
+class DataInfo(_Record):
+    """The pool of images the run drew from.
+
+    Attributes:
+        name: the data set (`digits`, `cifar10`, `imagenet`).
+        path: its local path (`null` for embedded data).
+        pool_size: images in the pool.
+        classes: distinct labels in the pool.
+        image_shape: `[C, H, W]` of one image as the model sees it.
+    """
+
+    name: str
+    path: str | None
+    pool_size: int
+    classes: int
+    image_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class ModelInfo(_Record):
+    """The attacked model.
+
+    Attributes:
+        name: the `--model` name.
+        parameters: number of parameters.
+        outputs: number of classes `K` it scores.
+        image_size: the image side the data was resized to (`null`: the data's own).
+    """
+
+    name: str
+    parameters: int
+    outputs: int
+    image_size: int | None
+
+
+@dataclass(frozen=True)
+class AttackInfo(_Record):
+    """One attack of the grid as it was built.
+
+    Attributes:
+        norm: `"linf"` or `"l2"`.
+        eps: its radius.
+        repr: the attack object with every hyperparameter (`repr`).
+    """
+
+    norm: Literal["linf", "l2"]
+    eps: float
+    repr: str
+
+
+@dataclass(frozen=True)
+class CalibratedDefense(_Record):
+    """ν of one randomized defense, calibrated on the held-out images.
+
+    Attributes:
+        kind: `"input"` (RND) or `"feature"`.
+        layers: the layer specs the noise is added at (`["input"]` for RND).
+        target_drop: the clean-accuracy drop ν was calibrated to.
+        nu: the noise variance ν.
+        base_accuracy: the undefended model's accuracy on the calibration images.
+        accuracy: the defended model's accuracy there (mean over noise draws).
+        drop: `base_accuracy - accuracy`.
+        n_images: calibration images.
+        draws: noise draws per calibration image.
+        stopped: why the search stopped (see `randfeat.calibrate_nu`).
+        fast_path: whether the cached-head fast path was used.
+        seed: the calibration's seed.
+        wall_time_s: seconds the calibration took (a timing field).
+    """
+
+    kind: str
+    layers: tuple[str, ...]
+    target_drop: float
+    nu: float
+    base_accuracy: float
+    accuracy: float
+    drop: float
+    n_images: int
+    draws: int
+    stopped: str
+    fast_path: bool
+    seed: int
+    wall_time_s: float
+
+
+@dataclass(frozen=True)
+class Header(_Record):
+    """The first line of a result file: everything needed to read, resume and reproduce it.
+
+    Attributes:
+        format: `"randfeat-eval"`.
+        format_version: the version of this layout (see `randfeat.eval.resultfile.FORMAT_VERSION`).
+        config: every setting of [EvalConfig][randfeat.eval.grid.config.EvalConfig], resolved
+            (lists for tuples).
+        settings_not_compared: settings ignored when resuming (they do not change results).
+        versions: randfeat, torch, timm and python versions.
+        device: the device of rank 0 (e.g. `"cpu"`, `"cuda:0 (NVIDIA H100)"`).
+        world_size: ranks that wrote the file first.
+        created: UTC time the header was written, ISO 8601.
+        eps: the radii used, and where they came from.
+        data: the pool of images.
+        model: the attacked model.
+        defenses: defense names: `base`, `aaa`, `input@<drop>`, `feature@<drop>`.
+        attacks: attack name → how it was built.
+        calibration: defense name → its calibrated ν (randomized defenses only).
+        attacked_indices: dataset indices attacked, in chunk order.
+        calibration_indices: dataset indices used for calibration (disjoint from the attacked).
+        n_attacked: attacked images.
+        n_calibration: calibration images.
+        n_chunks: chunks of `batch_size` attacked images.
+        rows_expected: clean + attack rows in a complete file.
+    """
+
+    TYPE: ClassVar[str | None] = "header"
+
+    format: str
+    format_version: int
+    config: Mapping[str, object]
+    settings_not_compared: tuple[str, ...]
+    versions: Mapping[str, str]
+    device: str
+    world_size: int
+    created: str
+    eps: Radii
+    data: DataInfo
+    model: ModelInfo
+    defenses: tuple[str, ...]
+    attacks: Mapping[str, AttackInfo]
+    calibration: Mapping[str, CalibratedDefense]
+    attacked_indices: tuple[int, ...]
+    calibration_indices: tuple[int, ...]
+    n_attacked: int
+    n_calibration: int
+    n_chunks: int
+    rows_expected: int
+
+    def setting(self, name: str) -> object:
+        """The configuration setting `name` as written (None when absent)."""
+        return self.config.get(name)
+
+
+# ---------------------------------------------------------------------------- rows
+@dataclass(frozen=True, order=True)
+class Unit:
+    """A unit of work: one chunk of attacked images under one defense (clean rows) or under one
+    (defense, attack, budget) (attack rows). Rows are written one whole unit at a time.
+
+    Attributes:
+        kind: `"clean"` or `"attack"`.
+        defense: the defense name.
+        attack: the attack name (`None` for clean units).
+        budget: the query budget (`None` for clean units).
+        chunk: chunk `c` holds `attacked_indices[c * batch_size:(c + 1) * batch_size]`.
+    """
+
+    kind: Literal["clean", "attack"]
+    defense: str
+    attack: str | None
+    budget: int | None
+    chunk: int
+
+    @property
+    def group(self) -> tuple[str, str, str | None, int | None]:
+        """The unit without its chunk: one (defense, attack, budget) cell of the table."""
+        return (self.kind, self.defense, self.attack, self.budget)
+
+
+@dataclass(frozen=True)
+class CleanRow(_Record):
+    """One attacked image under one defense, without attack.
+
+    Attributes:
+        image: dataset index.
+        label: true label.
+        defense: defense name.
+        pred: predicted label (for a randomized defense the plurality of `votes` forwards).
+        correct: `pred == label`.
+        chunk: the chunk of the unit that wrote the row.
+        seconds: wall time of the whole unit (a timing field).
+    """
+
+    TYPE: ClassVar[str | None] = "clean"
+
+    image: int
+    label: int
+    defense: str
+    pred: int
+    correct: bool
+    chunk: int
+    seconds: float
+
+    @property
+    def unit(self) -> Unit:
+        """The unit that wrote this row."""
+        return Unit("clean", self.defense, None, None, self.chunk)
+
+
+@dataclass(frozen=True)
+class AttackRow(_Record):
+    """One attacked image under one (defense, attack, budget).
+
+    Attributes:
+        image: dataset index.
+        label: true label.
+        defense: defense name.
+        attack: attack name (a key of `randfeat.eval.ATTACKS`).
+        budget: queries allowed.
+        eps: the attack's radius.
+        norm: `"linf"` or `"l2"`.
+        success: a queried point inside the ε-ball fooled the model, verified by the judging rule
+            (a strict majority of `votes` forwards misclassify it, appendix D.4).
+        queries: queries spent (until success, or all).
+        success_query: query count at the first verified success, `-1` if none.
+        verify_forwards: the uncharged verification forwards.
+        fresh: the probability that a fresh majority of `votes` forwards is fooled at the
+            returned point (`randfeat.eval.oracle.rejudge`; exactly 0 or 1 for deterministic
+            defenses).
+        dist: distance of the returned point from the clean image, in `norm`.
+        chunk: the chunk of the unit that wrote the row.
+        seconds: wall time of the whole unit (a timing field).
+    """
+
+    TYPE: ClassVar[str | None] = "attack"
+
+    image: int
+    label: int
+    defense: str
+    attack: str
+    budget: int
+    eps: float
+    norm: Literal["linf", "l2"]
+    success: bool
+    queries: int
+    success_query: int
+    verify_forwards: int
+    fresh: float
+    dist: float
+    chunk: int
+    seconds: float
+
+    @property
+    def unit(self) -> Unit:
+        """The unit that wrote this row."""
+        return Unit("attack", self.defense, self.attack, self.budget, self.chunk)
+
+
+Row = Union[CleanRow, AttackRow]  # noqa: UP007 - a runtime alias, also for Python 3.10
+"""A row of a result file."""
+
+_ROWS: dict[object, type[CleanRow] | type[AttackRow]] = {"clean": CleanRow, "attack": AttackRow}
+
+
+def row_from_json(data: object) -> Row:
+    """The row `data` describes, by its `"type"`.
+
+    Raises:
+        ReportError: not an object, an unknown `"type"`, or a bad field.
+    """
+    kind = data.get("type") if isinstance(data, Mapping) else None
+    cls = _ROWS.get(kind)
+    if cls is None:
+        raise ReportError(f"Expected a row of type 'clean' or 'attack', but got {_brief(data)}.")
+    return cls.from_json(data)
