@@ -7,7 +7,10 @@ seconds on one CPU core and happens once per session (once per worker under pyte
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -37,3 +40,34 @@ def digits_model(digits_cache_dir: Path) -> rf_models.DigitsCNN:
     Session-scoped and shared: tests must not modify its parameters (wrap it, don't train it).
     """
     return rf_models.digits_cnn(cache_dir=digits_cache_dir)
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., str]]:
+    """Start real uvicorn servers on free 127.0.0.1 ports; all are stopped at teardown.
+
+    `serve(model, card=None, **options) -> base URL`: `card` defaults to the digits CNN's
+    (`(1, 8, 8)`, 10 classes, defended iff `model` is a wrapper); `options` are
+    [ServeOptions][randfeat.serve.config.ServeOptions] fields.
+    """
+    from randfeat import RandomizedFeatureWrapper
+    from randfeat.serve.app import create_app
+    from randfeat.serve.config import ModelCard, ServeOptions
+    from randfeat.serve.run import serve_in_thread
+
+    with contextlib.ExitStack() as stack:
+
+        def start(model: Callable[..., Any], card: ModelCard | None = None, **options: Any) -> str:
+            if card is None:
+                defended = isinstance(model, RandomizedFeatureWrapper)
+                card = ModelCard(
+                    "digits-cnn",
+                    (1, 8, 8),
+                    10,
+                    defended=defended,
+                    defense="feature" if defended else "base",
+                )
+            app = create_app(model, card, ServeOptions(**options))
+            return stack.enter_context(serve_in_thread(app))
+
+        yield start

@@ -1,0 +1,202 @@
+"""The wire format of `randfeat serve`, shared by the server and the client.
+
+Both sides of the HTTP API read this module and nothing else of each other: the server
+([randfeat.serve.app][]) and the client [HTTPModel][randfeat.eval.remote.HTTPModel].
+
+* `POST /v1/predict` takes images `[n, C, H, W]` in $[0, 1]$ as JSON
+  (`{"inputs": [[[[...]]]]}`) or as a NumPy `.npy` body (`Content-Type: application/x-npy`,
+  float16/32/64, `allow_pickle=False`). It answers `{"scores": [[...]]}` or `{"labels": [...]}`
+  as JSON, or the bare array as `.npy` when the request says `Accept: application/x-npy`.
+* `GET /v1/info` answers a [ServerInfo][randfeat.serve.protocol.ServerInfo].
+* Every error is JSON: [ErrorBody][randfeat.serve.protocol.ErrorBody].
+
+This module needs only NumPy and the standard library (no FastAPI, no torch).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+__all__ = [
+    "API_KEY_HEADER",
+    "JSON",
+    "NPY",
+    "REQUEST_ID_HEADER",
+    "WORKER_HEADER",
+    "ErrorBody",
+    "Output",
+    "ServerInfo",
+    "decode_npy",
+    "encode_npy",
+]
+
+NPY = "application/x-npy"
+"""Media type of a NumPy `.npy` body (request or response)."""
+JSON = "application/json"
+API_KEY_HEADER = "X-API-Key"
+"""The client's key: queries are counted (and limited) per key."""
+REQUEST_ID_HEADER = "X-Request-Id"
+"""Echoed on every response; the server makes one up when the client sends none."""
+WORKER_HEADER = "X-Randfeat-Worker"
+"""A random token per server process (not its pid): which worker answered."""
+
+Output = Literal["scores", "labels"]
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """What `GET /v1/info` tells a client about the served model.
+
+    The defense's configuration (`defense`, `layers`, `nu`) is `None` unless the server runs
+    with `--reveal-config`: a service should not tell an attacker its noise scale.
+
+    Attributes:
+        model: the model's name, e.g. `"digits-cnn"` or `"resnet18"`.
+        input_shape: `(C, H, W)` of one image.
+        classes: number of classes $K$ (columns of `scores`).
+        output: `"scores"` (the $K$ logits per image) or `"labels"` (the argmax only).
+        defended: whether the answers carry randomized noise.
+        max_images: the most images one request may hold.
+        max_body_bytes: the largest request body the server reads.
+        defense: `"base"`, `"input"` or `"feature"` (revealed only).
+        layers: the perturbed layers (revealed only).
+        nu: the variance ν of the noise (revealed only).
+        version: the randfeat version of the server.
+    """
+
+    model: str
+    input_shape: tuple[int, int, int]
+    classes: int
+    output: Output
+    defended: bool
+    max_images: int
+    max_body_bytes: int
+    defense: str | None = None
+    layers: tuple[str, ...] | None = None
+    nu: float | None = None
+    version: str = field(default="")
+
+    def public(self) -> ServerInfo:
+        """This record without the defense's configuration (what an unrevealing server says)."""
+        return ServerInfo(
+            self.model,
+            self.input_shape,
+            self.classes,
+            self.output,
+            self.defended,
+            self.max_images,
+            self.max_body_bytes,
+            version=self.version,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """A JSON-ready dict (tuples become lists)."""
+        d = asdict(self)
+        d["input_shape"] = list(self.input_shape)
+        d["layers"] = None if self.layers is None else list(self.layers)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ServerInfo:
+        """The record from [to_json][randfeat.serve.protocol.ServerInfo.to_json]'s dict.
+
+        Raises:
+            ValueError: a missing or malformed field (not a randfeat server, or another version).
+        """
+        try:
+            shape = tuple(int(s) for s in d["input_shape"])
+            if len(shape) != 3:
+                raise ValueError(f"input_shape {shape} is not (C, H, W)")
+            output = d["output"]
+            if output not in ("scores", "labels"):
+                raise ValueError(f"output {output!r} is not 'scores' or 'labels'")
+            layers = d.get("layers")
+            nu = d.get("nu")
+            return cls(
+                model=str(d["model"]),
+                input_shape=(shape[0], shape[1], shape[2]),
+                classes=int(d["classes"]),
+                output=output,
+                defended=bool(d["defended"]),
+                max_images=int(d["max_images"]),
+                max_body_bytes=int(d["max_body_bytes"]),
+                defense=d.get("defense"),
+                layers=None if layers is None else tuple(str(s) for s in layers),
+                nu=None if nu is None else float(nu),
+                version=str(d.get("version", "")),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise ValueError(
+                f"Expected a randfeat server's /v1/info record, but got {d!r} ({err})."
+            ) from err
+
+
+@dataclass(frozen=True)
+class ErrorBody:
+    """The JSON body of every error answer (4xx and 5xx).
+
+    Attributes:
+        error: a stable machine-readable code, e.g. `"bad_shape"`, `"query_budget_exhausted"`.
+        message: what was wrong, what is allowed, and the fix.
+        request_id: the id to quote when reporting a problem (it is in the server's log).
+        detail: extra fields of some errors (e.g. `limit`, `used` for 429).
+    """
+
+    error: str
+    message: str
+    request_id: str = ""
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        """`{"error": ..., "message": ..., "request_id": ..., **detail}`."""
+        return {
+            "error": self.error,
+            "message": self.message,
+            "request_id": self.request_id,
+            **self.detail,
+        }
+
+    @classmethod
+    def from_response(cls, status: int, body: bytes) -> ErrorBody:
+        """Parse an error answer; a body that is not ours becomes `error="http_<status>"`."""
+        try:
+            d = json.loads(body)
+            if isinstance(d, dict) and isinstance(d.get("error"), str):
+                known = {"error", "message", "request_id"}
+                return cls(
+                    d["error"],
+                    str(d.get("message", "")),
+                    str(d.get("request_id", "")),
+                    {k: v for k, v in d.items() if k not in known},
+                )
+        except ValueError:
+            pass
+        text = body[:200].decode("utf-8", "replace")
+        return cls(f"http_{status}", text)
+
+
+def encode_npy(array: np.ndarray[Any, Any]) -> bytes:
+    """The `.npy` bytes of `array` (no pickle)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_npy(body: bytes) -> np.ndarray[Any, Any]:
+    """The array in `.npy` bytes; never unpickles.
+
+    Raises:
+        ValueError: the bytes are not a `.npy` file of a plain (non-object) array.
+    """
+    try:
+        arr = np.load(io.BytesIO(body), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:
+        raise ValueError(f"not a valid .npy array ({err})") from err
+    if not isinstance(arr, np.ndarray):
+        raise ValueError("not a single .npy array")
+    return arr
