@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -44,6 +45,8 @@ logger = logging.getLogger("randfeat.serve")
 
 BUNDLE_ENV = "RANDFEAT_SERVE_BUNDLE"
 """Environment variable naming the pickled model that spawned workers load."""
+WORKER_STARTUP_S = 120
+"""Seconds a worker process may take to answer the supervisor (start-up included)."""
 
 
 def _log_config(level: str) -> dict[str, Any]:
@@ -66,6 +69,20 @@ def _check_seeds(model: object, workers: int) -> None:
                     "seeded, so every worker would draw the same noise stream and an attacker "
                     "could cancel it. Wrap without `seed` (OS entropy) to serve several workers."
                 )
+
+
+@contextlib.contextmanager
+def _exit_quietly_on_sigterm() -> Iterator[None]:
+    """After a graceful shutdown uvicorn re-raises SIGTERM to the handler it found: make that
+    handler a no-op, so that the process returns normally (exit code 0) instead of dying by it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def worker_app() -> FastAPI:
@@ -125,7 +142,8 @@ def run_server(
         "timeout_graceful_shutdown": math.ceil(graceful_timeout),
     }
     if workers == 1:
-        uvicorn.run(create_app(model, card, opts), **common)
+        with _exit_quietly_on_sigterm():
+            uvicorn.run(create_app(model, card, opts), **common)
         return
     tmp = tempfile.mkdtemp(prefix="randfeat-serve-")  # mode 0700: only this user reads it
     try:
@@ -134,7 +152,15 @@ def run_server(
         bundle = Path(tmp) / "bundle.pt"
         torch.save({"model": model, "card": card, "options": opts}, bundle)
         os.environ[BUNDLE_ENV] = str(bundle)
-        uvicorn.run("randfeat.serve.run:worker_app", factory=True, workers=workers, **common)
+        uvicorn.run(
+            "randfeat.serve.run:worker_app",
+            factory=True,
+            workers=workers,
+            # a spawned worker imports torch and unpickles the model before it answers the
+            # supervisor's first ping; uvicorn's 5 s default kills slow starters in a loop
+            timeout_worker_healthcheck=WORKER_STARTUP_S,
+            **common,
+        )
     finally:
         os.environ.pop(BUNDLE_ENV, None)
         shutil.rmtree(tmp, ignore_errors=True)

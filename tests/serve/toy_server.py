@@ -1,0 +1,40 @@
+"""A defended toy model served by `run_server` in its own process (run by test_run.py).
+
+`python tests/serve/toy_server.py PORT WORKERS`: an 8×8 one-channel "image" classifier with noise
+on its penultimate features; an all-ones image takes 2 s (a request to be in flight at SIGTERM).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from torch import Tensor, nn
+
+import randfeat
+from randfeat.serve.config import ModelCard, ServeOptions
+from randfeat.serve.run import run_server
+
+
+class Slow(nn.Module):
+    """A linear classifier that sleeps 2 s on an all-ones image."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flatten = nn.Flatten()
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if bool((x == 1).all()):
+            time.sleep(2.0)
+        return self.head(self.flatten(x))
+
+
+if __name__ == "__main__":
+    port, workers = int(sys.argv[1]), int(sys.argv[2])
+    torch.manual_seed(0)
+    defended = randfeat.wrap(Slow().eval(), ["head.pre"], nu=0.5)
+    card = ModelCard("toy", (1, 8, 8), 10, True, "feature", ("head.pre",), 0.5)
+    options = ServeOptions(max_queries_per_key=40, admin_key="admin", max_wait_ms=0)
+    run_server(defended, card, options, port=port, workers=workers, log_level="info")
