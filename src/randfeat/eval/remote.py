@@ -260,7 +260,7 @@ class HTTPModel:
         httpx = self._httpx
         rid = secrets.token_hex(8)  # the same id on every retry: one logical request in the log
         headers = {REQUEST_ID_HEADER: rid, **kwargs.pop("headers", {})}
-        last = ""
+        last, last_status = "", 0
         for attempt in range(self.retries + 1):
             if attempt:
                 self.retried += 1
@@ -268,7 +268,7 @@ class HTTPModel:
             try:
                 resp = self._client.request(method, path, headers=headers, **kwargs)
             except httpx.TransportError as err:
-                last = f"{type(err).__name__}: {err}"
+                last, last_status = f"{type(err).__name__}: {err}", 0
                 logger.warning(
                     "%s %s%s failed (%s), try %d", method, self.url, path, last, attempt + 1
                 )
@@ -280,10 +280,11 @@ class HTTPModel:
             msg = f"{method} {self.url}{path} → {resp.status_code} {body.error}: {body.message}"
             if resp.status_code < 500:
                 raise RemoteError(msg, status=resp.status_code, error=body.error, request_id=rid)
-            last = msg
+            last, last_status = msg, resp.status_code
             logger.warning("%s (try %d)", msg, attempt + 1)
         raise RemoteError(
             f"{method} {self.url}{path} failed after {self.retries + 1} tries: {last}",
+            status=last_status,
             request_id=rid,
         )
 
