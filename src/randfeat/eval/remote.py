@@ -24,6 +24,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from randfeat.checks import (
+    check_choice,
+    check_int,
+    check_nonnegative_float,
+    check_positive_float,
+    check_positive_int,
+    expected,
+)
 from randfeat.serve.protocol import (
     API_KEY_HEADER,
     JSON,
@@ -116,23 +124,15 @@ class HTTPModel:
         backoff: float = 0.5,
     ) -> None:
         httpx = _require_httpx()
-        if output not in ("scores", "labels"):
-            raise ValueError(
-                f"Expected argument `output` to be 'scores' or 'labels', got {output!r}."
-            )
-        if transport not in ("npy", "json"):
-            raise ValueError(
-                f"Expected argument `transport` to be 'npy' or 'json', got {transport!r}."
-            )
-        for name, v, lo in (("max_batch", max_batch, 1), ("retries", retries, 0)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"Expected argument `{name}` to be an int >= {lo}, got {v!r}.")
-        for name, f in (("timeout", timeout), ("backoff", backoff)):
-            if isinstance(f, bool) or not isinstance(f, (int, float)) or not f >= 0:
-                raise ValueError(f"Expected argument `{name}` to be a number >= 0, got {f!r}.")
+        check_choice(output, "output", ("scores", "labels"))
+        check_choice(transport, "transport", ("npy", "json"))
+        check_positive_int(max_batch, "max_batch")
+        check_int(retries, "retries", low=0)
+        check_positive_float(timeout, "timeout")
+        check_nonnegative_float(backoff, "backoff")
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise ValueError(
-                f"Expected argument `url` to start with http:// or https://, got {url!r}."
+                expected("url", "an http:// or https:// URL", url, "e.g. http://127.0.0.1:8000")
             )
         self.url = url.rstrip("/")
         self.output: Output = output

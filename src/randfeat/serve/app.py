@@ -39,6 +39,7 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 from torch import Tensor
 
+from randfeat.outputs import logits_of
 from randfeat.serve.batcher import MicroBatcher
 from randfeat.serve.config import ModelCard, ServeOptions
 from randfeat.serve.decode import RequestError, decode_inputs
@@ -72,12 +73,11 @@ def _model_forward(
     device = torch.device(options.device)
 
     def forward(x: Tensor) -> Tensor:
-        out = model(x.to(device))
-        logits = out if isinstance(out, Tensor) else getattr(out, "logits", None)
-        if not isinstance(logits, Tensor) or logits.shape != (x.shape[0], card.classes):
-            got = tuple(logits.shape) if isinstance(logits, Tensor) else type(out).__name__
+        logits = logits_of(model(x.to(device)))
+        if logits.shape != (x.shape[0], card.classes):
             raise RuntimeError(
-                f"the model returned {got}, expected logits [{x.shape[0]}, {card.classes}]"
+                f"the model returned {tuple(logits.shape)}, expected logits "
+                f"[{x.shape[0]}, {card.classes}]"
             )
         if options.output == "labels":
             return logits.argmax(dim=1).cpu()

@@ -29,6 +29,8 @@ from typing import cast
 import torch
 from torch import Tensor
 
+from randfeat.checks import check_nonnegative_float, check_positive_int
+
 __all__ = ["BatchResult", "MicroBatcher"]
 
 logger = logging.getLogger("randfeat.serve")
@@ -79,13 +81,9 @@ class MicroBatcher:
     def __init__(
         self, forward: Callable[[Tensor], Tensor], *, max_batch: int = 64, max_wait_ms: float = 5.0
     ) -> None:
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise ValueError(f"Expected argument `max_batch` to be an int >= 1, got {max_batch!r}.")
-        if not max_wait_ms >= 0:
-            raise ValueError(f"Expected argument `max_wait_ms` to be >= 0, got {max_wait_ms!r}.")
         self._forward = forward
-        self.max_batch = max_batch
-        self.max_wait = max_wait_ms / 1000.0
+        self.max_batch = check_positive_int(max_batch, "max_batch")
+        self.max_wait = check_nonnegative_float(max_wait_ms, "max_wait_ms") / 1000.0
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
         self._carry: _Job | None = None
         self._thread: threading.Thread | None = None

@@ -7,20 +7,20 @@ opened.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
+from randfeat.checks import (
+    check_choice,
+    check_int,
+    check_nonnegative_float,
+    check_optional,
+    check_positive_float,
+    check_positive_int,
+    expected,
+)
 from randfeat.serve.protocol import Output, ServerInfo
 
 __all__ = ["ModelCard", "ServeOptions"]
-
-
-def _positive_int(name: str, value: object, *, allow_none: bool = False) -> None:
-    if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        extra = " or None" if allow_none else ""
-        raise ValueError(f"Expected `{name}` to be an int >= 1{extra}, but got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -46,14 +46,11 @@ class ModelCard:
     nu: float | None = None
 
     def __post_init__(self) -> None:
-        if len(self.input_shape) != 3 or any(
-            isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in self.input_shape
-        ):
-            raise ValueError(
-                f"Expected `input_shape` to be (C, H, W) of ints >= 1, got {self.input_shape!r}."
-            )
-        if isinstance(self.classes, bool) or not isinstance(self.classes, int) or self.classes < 2:
-            raise ValueError(f"Expected `classes` to be an int >= 2, got {self.classes!r}.")
+        if len(self.input_shape) != 3:
+            raise ValueError(expected("input_shape", "(C, H, W)", self.input_shape))
+        for i, side in enumerate(self.input_shape):
+            check_positive_int(side, f"input_shape[{i}]")
+        check_int(self.classes, "classes", low=2)
 
 
 @dataclass(frozen=True)
@@ -90,23 +87,20 @@ class ServeOptions:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.output not in ("scores", "labels"):
-            raise ValueError(f"Expected `output` to be 'scores' or 'labels', got {self.output!r}.")
-        _positive_int("max_batch", self.max_batch)
-        _positive_int("max_images", self.max_images)
-        _positive_int("max_queries_per_key", self.max_queries_per_key, allow_none=True)
-        for name in ("max_wait_ms", "max_body_mb"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise ValueError(f"Expected `{name}` to be a finite number, got {v!r}.")
-        if self.max_wait_ms < 0:
-            raise ValueError(f"Expected `max_wait_ms` to be >= 0, got {self.max_wait_ms!r}.")
-        if self.max_body_mb <= 0:
-            raise ValueError(f"Expected `max_body_mb` to be > 0, got {self.max_body_mb!r}.")
+        check_choice(self.output, "output", ("scores", "labels"))
+        check_positive_int(self.max_batch, "max_batch")
+        check_positive_int(self.max_images, "max_images")
+        check_optional(check_positive_int, self.max_queries_per_key, "max_queries_per_key")
+        check_nonnegative_float(self.max_wait_ms, "max_wait_ms")
+        check_positive_float(self.max_body_mb, "max_body_mb")
         if self.api_keys is not None and not self.api_keys:
-            raise ValueError("Expected `api_keys` to hold at least one key, or None for any key.")
+            raise ValueError(
+                expected(
+                    "api_keys", "a set of at least one key, or None for any key", self.api_keys
+                )
+            )
         if self.admin_key is not None and not self.admin_key:
-            raise ValueError("Expected `admin_key` to be a non-empty string or None.")
+            raise ValueError(expected("admin_key", "a non-empty string or None", "''"))
 
     @property
     def max_body_bytes(self) -> int:

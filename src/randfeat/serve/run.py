@@ -35,6 +35,7 @@ import uvicorn
 from fastapi import FastAPI
 from torch import Tensor
 
+from randfeat.checks import check_positive_int
 from randfeat.serve.app import create_app
 from randfeat.serve.config import ModelCard, ServeOptions
 from randfeat.wrapper import RandomizedFeatureWrapper
@@ -129,8 +130,7 @@ def run_server(
     Raises:
         ValueError: `workers < 1`, or a seeded wrapper with `workers > 1`.
     """
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"Expected argument `workers` to be an int >= 1, got {workers!r}.")
+    check_positive_int(workers, "workers")
     opts = options or ServeOptions()
     _check_seeds(model, workers)
     common: dict[str, Any] = {
@@ -172,23 +172,24 @@ def serve_in_thread(
 ) -> Iterator[str]:
     """Run `app` in a background thread; yield its base URL; stop it (gracefully) on exit.
 
-    Args:
-        app: e.g. from [create_app][randfeat.serve.app.create_app].
-        host: the interface (127.0.0.1: this machine only).
-        port: the TCP port; 0 picks a free one.
-        timeout: seconds to wait for startup and for shutdown.
+        Args:
+            app: e.g. from [create_app][randfeat.serve.app.create_app].
+            host: the interface (127.0.0.1: this machine only).
+            port: the TCP port; 0 picks a free one.
+            timeout: seconds to wait for startup and for shutdown.
 
-    Raises:
-        RuntimeError: the server did not start within `timeout`.
+        Raises:
+            RuntimeError: the server did not start within `timeout`.
 
-    Examples:
-        >>> import httpx, torch
-        >>> from randfeat.serve.app import create_app
-        >>> from randfeat.serve.config import ModelCard
-        >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
-        >>> with serve_in_thread(create_app(net, ModelCard("toy", (1, 8, 8), 10, False))) as url:
-        ...     httpx.get(url + "/healthz").json()["status"]
-        'ok'
+        Examples:
+            >>> import httpx, torch
+            >>> from randfeat.checks import check_positive_int
+    from randfeat.serve.app import create_app
+            >>> from randfeat.serve.config import ModelCard
+            >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+            >>> with serve_in_thread(create_app(net, ModelCard("toy", (1, 8, 8), 10, False))) as url:
+            ...     httpx.get(url + "/healthz").json()["status"]
+            'ok'
     """
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
     # and without it Nagle's algorithm and delayed ACKs add ~40 ms to every request

@@ -17,6 +17,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from randfeat.checks import check_optional, check_positive_int
+
 __all__ = ["ANONYMOUS", "Charge", "KeyUsage", "UsageLedger"]
 
 ANONYMOUS = "-"
@@ -71,11 +73,7 @@ class UsageLedger:
     """
 
     def __init__(self, path: str | Path | None = None, *, limit: int | None = None) -> None:
-        if limit is not None and (
-            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
-        ):
-            raise ValueError(f"Expected argument `limit` to be an int >= 1 or None, got {limit!r}.")
-        self.limit = limit
+        self.limit = check_optional(check_positive_int, limit, "limit")
         self.path = None if path is None else Path(path)
         # one connection shared by the threads of this process, serialised by a lock; autocommit,
         # so each statement is its own transaction (atomic across processes)
