@@ -101,7 +101,8 @@ def test_every_bad_request_gets_its_4xx_and_the_server_keeps_serving(
         assert "[n, 1, 8, 8]" in r.json()["message"]
         assert r.json()["expected_shape"] == ["n", 1, 8, 8]
         # unknown paths and methods are JSON errors too
-        assert client.get("/v2/predict").json()["error"] == "not_found"
+        for path in ("/v2/predict", "/docs", "/openapi.json"):  # nothing beyond the four routes
+            assert client.get(path).json()["error"] == "not_found"
         r = client.get("/v1/predict")
         assert r.status_code == 405 and r.json()["error"] == "method_not_allowed"
 

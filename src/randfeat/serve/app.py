@@ -153,7 +153,15 @@ def create_app(
             ledger.close()
             logger.info("worker %s stopped", worker)
 
-    app = FastAPI(title="randfeat", version=version, lifespan=lifespan)
+    # no /docs, /redoc or /openapi.json: the API is the four routes below, documented in docs/
+    app = FastAPI(
+        title="randfeat",
+        version=version,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
 
     def respond(body: bytes, status: int, rid: str, media: str = JSON) -> Response:
         headers = {REQUEST_ID_HEADER: rid, WORKER_HEADER: worker}

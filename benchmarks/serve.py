@@ -1,0 +1,231 @@
+"""Serving throughput and latency: `randfeat serve` with and without micro-batching.
+
+For each model (the digits CNN, a timm resnet18 at 32×32 with 10 classes), defended with feature
+noise on its penultimate layer, a server runs in its own process on 127.0.0.1 (one worker,
+`--threads` torch threads) and one client process sends single-image `.npy` requests from 1, 16
+and 64 concurrent connections (asyncio + httpx), a bounded number of requests per level
+(`--requests`, at most `--seconds`). Reported: requests/s, p50 and p99 latency, and the ratio to
+the model's offline batched throughput (images/s of one in-process forward of `--max-batch`
+images, same threads). Two server settings: micro-batching on (`--max-batch`, `--max-wait-ms`) and
+off (`max_batch=1`: one forward per request).
+
+Targets (issue 13): with micro-batching, ≥ 2× the unbatched throughput at 16 clients, and ≥ 50% of
+the offline batched throughput for resnet18.
+
+Usage:
+
+    python benchmarks/serve.py                       # both models, 1000 requests per level
+    python benchmarks/serve.py --requests 100 --models digits-cnn    # a quick check
+    python benchmarks/serve.py --write               # replace "Serving" in docs/benchmarks.md
+
+The client and the server share the machine: on few cores the client's own work (about half a
+millisecond per request) is part of what is measured; the table says how many cores there were.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from _machine import describe_machine, replace_section
+from torch import nn
+
+import randfeat
+from randfeat.serve.protocol import NPY, encode_npy
+
+MODELS = ("digits-cnn", "resnet18")
+CLIENTS = (1, 16, 64)
+NU = 0.1  # a feature-noise variance: its value does not change the cost
+
+
+def build(name: str) -> tuple[nn.Module, tuple[int, int, int]]:
+    """The defended model and its input shape `(C, H, W)`."""
+    torch.manual_seed(0)
+    if name == "digits-cnn":
+        from randfeat.eval.models import digits_cnn
+
+        model, shape = digits_cnn(), (1, 8, 8)
+    else:
+        import timm
+
+        model, shape = timm.create_model(name, pretrained=False, num_classes=10), (3, 32, 32)
+    return randfeat.wrap(model.eval(), ["penultimate"], nu=NU), shape
+
+
+def serve_child(args: argparse.Namespace) -> None:
+    """The server process: one worker, `args.threads` torch threads, until SIGTERM."""
+    from randfeat.serve.config import ModelCard, ServeOptions
+    from randfeat.serve.run import run_server
+
+    torch.set_num_threads(args.threads)
+    model, shape = build(args.model)
+    card = ModelCard(args.model, shape, 10, True, "feature")
+    opts = ServeOptions(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
+    run_server(model, card, opts, port=args.port, log_level="warning")
+
+
+def offline_throughput(name: str, batch: int, threads: int, seconds: float = 3.0) -> float:
+    """Images/s of in-process forwards of `batch` images (the ceiling for a batched server)."""
+    torch.set_num_threads(threads)
+    model, shape = build(name)
+    x = torch.rand(batch, *shape)
+    with torch.inference_mode():
+        for _ in range(3):
+            model(x)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            model(x)
+            n += 1
+    return n * batch / (time.perf_counter() - t0)
+
+
+@dataclass(frozen=True)
+class Load:
+    clients: int
+    requests: int
+    rps: float
+    p50_ms: float
+    p99_ms: float
+
+
+async def _load(url: str, body: bytes, clients: int, requests: int, seconds: float) -> Load:
+    headers = {"Content-Type": NPY, "Accept": NPY}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    latencies: list[float] = []
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
+
+        async def one_client(n: int, deadline: float, record: bool) -> None:
+            for _ in range(n):
+                if time.perf_counter() > deadline:
+                    return
+                t0 = time.perf_counter()
+                r = await client.post("/v1/predict", content=body, headers=headers)
+                r.raise_for_status()
+                if record:
+                    latencies.append(time.perf_counter() - t0)
+
+        warm = time.perf_counter() + seconds
+        await asyncio.gather(*(one_client(3, warm, False) for _ in range(clients)))
+        per_client = max(1, requests // clients)
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one_client(per_client, t0 + seconds, True) for _ in range(clients)))
+        elapsed = time.perf_counter() - t0
+    ms = sorted(1000 * t for t in latencies)
+    return Load(
+        clients,
+        len(ms),
+        len(ms) / elapsed,
+        statistics.median(ms),
+        ms[min(len(ms) - 1, int(0.99 * len(ms)))],
+    )
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def measure_server(
+    name: str, args: argparse.Namespace, max_batch: int, shape: tuple[int, int, int]
+) -> list[Load]:
+    port = _free_port()
+    cmd = [sys.executable, __file__, "--serve-child", "--model", name, "--port", str(port)]
+    cmd += ["--max-batch", str(max_batch), "--max-wait-ms", str(args.max_wait_ms)]
+    cmd += ["--threads", str(args.threads)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    proc = subprocess.Popen(cmd, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                httpx.get(url + "/healthz", timeout=5).raise_for_status()
+                break
+            except httpx.TransportError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the server for {name} did not start") from None
+                time.sleep(0.2)
+        body = encode_npy(np.random.default_rng(0).random((1, *shape), dtype=np.float32))
+        return [asyncio.run(_load(url, body, c, args.requests, args.seconds)) for c in args.clients]
+    finally:
+        proc.terminate()
+        proc.wait(60)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    p.add_argument("--clients", nargs="+", type=int, default=list(CLIENTS))
+    p.add_argument("--requests", type=int, default=1000, help="requests per concurrency level")
+    p.add_argument("--seconds", type=float, default=60.0, help="time cap per concurrency level")
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--max-wait-ms", type=float, default=5.0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads of the server")
+    p.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    p.add_argument("--serve-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.serve_child:
+        serve_child(args)
+        return
+
+    rows = ["| model | server | clients | requests | req/s | p50 ms | p99 ms | ÷ offline |"]
+    rows.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    notes = []
+    for name in args.models:
+        _, shape = build(name)
+        offline = offline_throughput(name, args.max_batch, args.threads)
+        results = {}
+        for label, max_batch in (("micro-batched", args.max_batch), ("unbatched", 1)):
+            results[label] = measure_server(name, args, max_batch, shape)
+            for r in results[label]:
+                rows.append(
+                    f"| {name} | {label} | {r.clients} | {r.requests} | {r.rps:.0f} | "
+                    f"{r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.rps / offline:.2f} |"
+                )
+                print(rows[-1], flush=True)
+        by = {lab: {r.clients: r for r in rs} for lab, rs in results.items()}
+        line = (
+            f"- {name}: offline batched throughput {offline:.0f} images/s (batch {args.max_batch})"
+        )
+        if 16 in args.clients:
+            mb, ub = by["micro-batched"][16].rps, by["unbatched"][16].rps
+            line += f"; at 16 clients micro-batching gives {mb / ub:.2f}× the unbatched req/s"
+            line += f" and {mb / offline:.0%} of the offline throughput"
+        notes.append(line + ".")
+    cmd = " ".join(["python benchmarks/serve.py", *sys.argv[1:]]).replace(" --write", "")
+    body = "\n".join(
+        [
+            f"Machine: {describe_machine()}; server: 1 worker, {args.threads} torch thread(s); "
+            f"micro-batching `max_batch={args.max_batch}`, `max_wait_ms={args.max_wait_ms:g}`. "
+            "Single-image `.npy` requests on 127.0.0.1, client and server on the same machine. "
+            "`÷ offline`: requests/s over the images/s of in-process forwards of a full batch.",
+            "",
+            *rows,
+            "",
+            *notes,
+            "",
+            f"Command: `{cmd}`.",
+        ]
+    )
+    print("\n" + body)
+    if args.write:
+        replace_section("Serving", body)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    main()
