@@ -183,8 +183,7 @@ def serve_in_thread(
 
         Examples:
             >>> import httpx, torch
-            >>> from randfeat.checks import check_positive_int
-    from randfeat.serve.app import create_app
+            >>> from randfeat.serve.app import create_app
             >>> from randfeat.serve.config import ModelCard
             >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
             >>> with serve_in_thread(create_app(net, ModelCard("toy", (1, 8, 8), 10, False))) as url:
