@@ -159,16 +159,17 @@ def test_search_returns_the_best_candidate_and_stops_honestly(
 
 
 # ---------------------------------------------------------------------------- fast path / fallback
-def test_fast_path_cost_is_one_clean_pass_plus_head_evals(
+def test_fast_path_cost_is_one_clean_pass_plus_one_projection(
     digits: Digits, digits_model: DigitsCNN
 ) -> None:
     x, y = digits.x_test, digits.y_test
     cs = calibrate_nu(digits_model, (x, y), "penultimate", [0.01, 0.02, 0.04], progress=False)
     n, d = len(y), cs[0].draws
-    assert all(c.fast_path and c.layers == ("head.pre",) for c in cs)
+    assert all(c.path == "projected" and c.layers == ("head.pre",) for c in cs)
     assert all(c.model_evals == n for c in cs)  # exactly one clean pass for three targets
-    # the verification re-runs the head once per image, then N·draws per candidate
-    assert all(c.head_evals == n + len(c.history) * n * d for c in cs)
+    # the verification re-runs the head once per image, then N·draws noise vectors are projected
+    # through it once: no candidate runs the head
+    assert all(c.head_evals == n + n * d for c in cs)
     assert cs[0].history == cs[2].history  # one search, shared by every target
     assert len({c.nu for c in cs}) == 3
 

@@ -17,10 +17,11 @@ it measures on ``data``:
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypeGuard
 
 import torch
 from torch import Tensor, nn
@@ -30,6 +31,8 @@ from randfeat.layers import HookPoint, resolve_layers
 from randfeat.noise import add_noise, check_feature, sigma_for
 from randfeat.outputs import logits_of
 from randfeat.wrapper import RandomizedFeatureWrapper
+
+Path = Literal["projected", "head", "full"]
 
 HEAD_ELEMENTS = 1 << 24
 """Fast path: rows per head call are ``max(batch_size, HEAD_ELEMENTS // prod(F))`` (64 MB float32)."""
@@ -228,9 +231,12 @@ class _Clean:
     k: int
     base_count: int
     moments: dict[str, _Moments]
-    features: Tensor | None  # [N, *F] head inputs (fast path only)
-    labels: Tensor | None  # [N]
-    fast_reason: str  # "" when the fast path is valid
+    path: Path
+    features: Tensor | None  # [N, *F] head inputs ("head" path only)
+    logits: Tensor | None  # [N, K] clean logits ("projected" path only)
+    labels: Tensor | None  # [N] (both fast paths)
+    linear: nn.Linear | None  # the verified linear head ("projected" path only)
+    fast_reason: str  # "" when a fast path is valid
     head_evals: int
     seconds: float
 
@@ -293,17 +299,27 @@ def _clean_pass(
                 reason = "re-running the head on its input does not reproduce the output"
                 break
     fast = head is not None and not reason and n > 0
+    linear = head if fast and _plain_linear(head) and all(f.ndim == 2 for f in feats) else None
+    path: Path = "projected" if linear is not None else "head" if fast else "full"
     return _Clean(
         n=n,
         k=k,
         base_count=base_count,
         moments=moments,
-        features=torch.cat(feats) if fast else None,
+        path=path,
+        features=torch.cat(feats) if path == "head" else None,
+        logits=torch.cat(outs) if path == "projected" else None,
         labels=torch.cat(labels) if fast else None,
+        linear=linear,
         fast_reason=reason,
         head_evals=head_evals,
         seconds=seconds,
     )
+
+
+def _plain_linear(head: nn.Module | None) -> TypeGuard[nn.Linear]:
+    """An ``nn.Linear`` whose forward is torch's own (a subclass may compute something else)."""
+    return isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward
 
 
 def _check_logits(logits: object, x: Tensor, y: Tensor, start: int) -> int:
@@ -348,14 +364,17 @@ class _Evaluator:
         self.model_evals, self.head_evals = clean.n, clean.head_evals
         self.wrapper: RandomizedFeatureWrapper | None = None
         self.head: nn.Module | None = None
-        if clean.features is not None:
-            self.head = resolve_layers(model, keys)[0].module
-            per_row = max(1, clean.features[0].numel())
-            self.images = max(1, max(rows, HEAD_ELEMENTS // per_row) // draws)
-            self.gen = torch.Generator(device=clean.features.device)
-        else:
+        self.bounds: tuple[Tensor, Tensor] | None = None  # projected path: (lo, hi) [N·draws]
+        if clean.path == "full":
             self.wrapper = RandomizedFeatureWrapper(model, keys, nu=0.0, seed=seed)
             self.images = max(1, rows // draws)
+        else:
+            width = clean.linear.in_features if clean.linear is not None else 0
+            if clean.features is not None:
+                self.head = resolve_layers(model, keys)[0].module
+                width = clean.features[0].numel()
+            # the projected path draws ε in the head path's chunks, so both see the same noise
+            self.images = max(1, max(rows, HEAD_ELEMENTS // max(1, width)) // draws)
 
     def close(self) -> None:
         if self.wrapper is not None:
@@ -378,13 +397,18 @@ class _Evaluator:
 
     def __call__(self, nu: float) -> int:
         self.bar.set_description(f"calibrate ν={nu:.3g}")
+        if self.clean.path == "projected":
+            lo, hi = self.bounds if self.bounds is not None else self._project()
+            root = math.sqrt(nu)
+            return int(((lo < root) & (root < hi)).sum())
         s = self.spec(nu)
         sigma: float | Tensor = 0.0
+        gen: torch.Generator | None = None
         if self.wrapper is not None:
             self.wrapper.nu = s
             self.wrapper.manual_seed(self.seed)
         elif self.clean.features is not None:
-            self.gen.manual_seed(self.seed)
+            gen = torch.Generator(device=self.clean.features.device).manual_seed(self.seed)
             one = s[self.keys[0]] if isinstance(s, dict) else s
             sigma = sigma_for(one, self.clean.features, self.keys[0])
         device = self.source.device
@@ -392,9 +416,7 @@ class _Evaluator:
         bad = torch.zeros((), dtype=torch.bool, device=device)
         for fn, z, y in self._batches():
             z = z.repeat_interleave(self.draws, 0)
-            out = logits_of(
-                fn(z) if self.wrapper is not None else fn(add_noise(z, sigma, self.gen))
-            )
+            out = logits_of(fn(z) if gen is None else fn(add_noise(z, sigma, gen)))
             bad |= ~torch.isfinite(out).all()
             hits += (out.argmax(1) == y.repeat_interleave(self.draws)).sum()
         if self.wrapper is None:
@@ -402,3 +424,97 @@ class _Evaluator:
         if bool(bad):
             raise _NonFinite(f"the model returned NaN/inf logits under noise ν={nu:.3g}")
         return int(hits)
+
+    def _project(self) -> tuple[Tensor, Tensor]:
+        r"""Draw ε once, project it through the head and find each draw's interval of √ν.
+
+        With a linear head $g(h) = W h + b$, the noisy logits of a draw are $z + \sqrt{\nu}\,p$
+        with $z$ the clean logits and $p = W(\sigma \odot \varepsilon)$ ($\sigma = 1$, or
+        $\sqrt{\mathrm{Var}(h)}$ for feature-variance noise). The draw is classified $y$ exactly
+        when $\sqrt{\nu}$ lies in an interval $(lo, hi)$ (every other class $j$ adds one
+        half-line constraint $z_y - z_j + \sqrt{\nu}\,(p_y - p_j) > 0$), found once here; a
+        candidate then costs one comparison per draw.
+        """
+        head, logits, labels = self.clean.linear, self.clean.logits, self.clean.labels
+        if head is None or logits is None or labels is None:
+            raise RuntimeError(
+                "calibrate_nu: projected path without its data (please report this)."
+            )
+        weight = head.weight.detach()
+        width = head.in_features
+        compute = torch.promote_types(weight.dtype, torch.float32)
+        unit = self.spec(1.0)
+        one = unit[self.keys[0]] if isinstance(unit, dict) else unit
+        scale = sigma_for(one, weight.new_empty(0, width), self.keys[0])
+        gen = torch.Generator(device=weight.device).manual_seed(self.seed)
+        step = max(1, HEAD_ELEMENTS // max(1, logits.shape[1]) // self.draws)  # images per matmul
+        lo_parts, hi_parts = [], []
+        for z, y in zip(logits.split(self.images), labels.split(self.images), strict=True):
+            eps = weight.new_empty(z.shape[0] * self.draws, width).normal_(generator=gen)
+            for zc, yc, ec in zip(
+                z.split(step), y.split(step), eps.split(step * self.draws), strict=True
+            ):
+                p = nn.functional.linear((ec * scale).to(compute), weight.to(compute))
+                lo, hi = correct_intervals(zc, yc, p.view(zc.shape[0], self.draws, -1))
+                lo_parts.append(lo)
+                hi_parts.append(hi)
+        self.head_evals += self.clean.n * self.draws
+        self.bounds = torch.cat(lo_parts), torch.cat(hi_parts)
+        return self.bounds
+
+
+def correct_intervals(logits: Tensor, y: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    r"""Where along the ray $z + s\,p$ ($s \ge 0$) each draw is classified as its image's label.
+
+    Draw $d$ of image $i$ is classified $y_i$ (the arg max of $z_i + s\,p_{id}$, ties to the
+    lower index as `argmax` does) exactly when $lo_{id} < s < hi_{id}$: every other class $j$
+    adds the half-line constraint $a_j + s\,b_j > 0$ with $a_j = z_y - z_j$ and
+    $b_j = p_y - p_j$. When the image is clean-correct with every $a_j > 0$ (the common case),
+    $lo = -\infty$ and $1/hi = \max_j (p_j - p_y) / a_j$, three passes over `noise`; the other
+    images take the general rule in float64.
+
+    Args:
+        logits: `[m, K]` clean logits $z$.
+        y: `[m]` int64 labels.
+        noise: `[m, draws, K]` noise directions $p$ in logit space; overwritten.
+
+    Returns:
+        `(lo, hi)`: `[m · draws]` float64 ends, $\pm\infty$ where no constraint binds (an empty
+        interval has $hi \le lo$).
+    """
+    m, draws, k = noise.shape
+    idx = y.view(-1, 1)
+    a = logits.gather(1, idx).double() - logits.double()  # [m, K] clean margins of y over j
+    wins = (a > 0).sum(1) == k - 1  # strictly ahead of every other class
+    lo = torch.full((m, draws), -torch.inf, dtype=torch.float64, device=noise.device)
+    hi = torch.empty_like(lo)
+    rest = (~wins).nonzero().squeeze(1)
+    if rest.numel():  # few images: the general rule on a copy, before `noise` is overwritten
+        part = noise[rest].double()
+        if not bool(torch.isfinite(part).all()):
+            raise _NonFinite("the noise projected through the head is NaN/inf")
+        lo[rest], hi[rest] = _general_intervals(a[rest], y[rest], part)
+    inv_a = torch.where(a > 0, 1.0 / a, 0.0).to(noise.dtype).unsqueeze(1)  # 0 at j = y
+    p_y = noise.gather(2, idx.view(m, 1, 1).expand(m, draws, 1))
+    inv_hi = noise.sub_(p_y).mul_(inv_a).amax(2).double()  # >= 0 (the j = y term is 0)
+    if not bool(torch.isfinite(inv_hi[wins]).all()):  # NaN/inf in the noise reach the maximum
+        raise _NonFinite("the noise projected through the head is NaN/inf")
+    hi_wins = torch.where(inv_hi > 0, 1.0 / inv_hi, torch.inf)
+    hi[wins] = hi_wins[wins]
+    return lo.flatten(), hi.flatten()
+
+
+def _general_intervals(a: Tensor, y: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+    """``(lo, hi)`` `[m, draws]` for margins ``a: [m, K]`` and directions ``noise: [m, draws, K]``."""
+    idx = y.view(-1, 1, 1).expand(-1, noise.shape[1], 1)
+    b = noise.gather(2, idx) - noise  # [m, draws, K]
+    a = a.unsqueeze(1)
+    cls = torch.arange(a.shape[2], device=a.device).view(1, 1, -1)
+    other = cls != idx
+    t = -a / b  # where constraint j switches (b != 0): a lower bound if b > 0, an upper if b < 0
+    lo = torch.where(other & (b > 0), t, -torch.inf).amax(2)
+    hi = torch.where(other & (b < 0), t, torch.inf).amin(2)
+    # b == 0: constraint j never changes; it holds when y wins outright or wins the tie by index
+    holds = (a > 0) | ((a == 0) & (idx < cls))
+    never = (other & (b == 0) & ~holds).any(2)
+    return lo, torch.where(never, -torch.inf, hi)

@@ -59,6 +59,7 @@ from typing import Literal, TypedDict, overload
 import torch
 from torch import Tensor, nn
 
+from randfeat._calibration_data import Path as Path
 from randfeat._calibration_data import (
     _clean_pass,
     _Evaluator,
@@ -152,9 +153,14 @@ class Calibration:
         stopped: ``"tol"`` (within tol) or ``"resolution"`` (no finer step possible).
         history: every ``(ν, estimated accuracy)`` evaluated, in search order (shared by all the
             targets of one call).
-        fast_path: whether candidates ran only the head on cached features.
+        fast_path: whether the candidates avoided full forwards (`path` is not `"full"`).
+        path: which way the candidates were evaluated: `"projected"` (a linear head: the noise
+            drawn and projected to the logits once, each candidate compared in logit space),
+            `"head"` (the head re-run on cached noisy features) or `"full"` (noisy forwards of the
+            whole model).
         model_evals: full forwards of single images (clean pass + noisy passes) for the whole call.
-        head_evals: head-only evaluations of single images (fast path) for the whole call.
+        head_evals: head-only evaluations of single images for the whole call: the verification of
+            the head (N), then N·draws once (`"projected"`) or per candidate (`"head"`).
         clean_pass_equivalents: wall time of the whole call / wall time of its first (clean) pass.
         wall_time_s: wall time of the whole call, seconds.
         seed: the ``seed`` argument (``None``: OS entropy, not recorded).
@@ -175,6 +181,7 @@ class Calibration:
     stopped: Stopped
     history: tuple[tuple[float, float], ...] = field(repr=False)
     fast_path: bool
+    path: Path
     model_evals: int
     head_evals: int
     clean_pass_equivalents: float
@@ -350,6 +357,8 @@ def _calibrate(
                 )
         if clean.fast_reason:
             logger.info("calibrate_nu: fast path off (%s); full noisy forwards.", clean.fast_reason)
+        else:
+            logger.info("calibrate_nu: %s path.", clean.path)
         d = draws or min(MAX_DRAWS, max(1, math.ceil(DRAW_BUDGET / n)))
         total = n * d
         resolution = 1.0 / total
@@ -390,7 +399,8 @@ def _calibrate(
                 tol=tol_v,
                 stopped=stopped,
                 history=history,
-                fast_path=clean.features is not None,
+                fast_path=clean.path != "full",
+                path=clean.path,
                 model_evals=evaluate.model_evals,
                 head_evals=evaluate.head_evals,
                 clean_pass_equivalents=wall / clean.seconds if clean.seconds > 0 else math.nan,
