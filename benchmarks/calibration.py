@@ -6,31 +6,40 @@ target drop is reachable. The script times:
 
 * one plain clean pass (``model(x)`` in batches of ``--batch-size``, no hooks), median of
   ``--rounds``;
-* ``calibrate_nu`` at the classifier input (``fc.pre`` / ``head.pre``: the cached-head fast path);
-* ``calibrate_nu`` at a mid-network layer (``layer3`` / ``blocks.6``: full noisy forwards),
+* ``calibrate_nu`` at the classifier input (``fc.pre`` / ``head.pre``: a linear head, so the
+  projected path: the noise drawn and projected to the logits once);
+* the same point with the classifier wrapped in ``nn.Sequential`` (so not an ``nn.Linear``: the
+  cached-head path, which re-runs the head on noisy features for every candidate), unless
+  ``--skip-head``;
+* ``calibrate_nu`` at a mid-network layer (``layer3`` / ``blocks.6``: full noisy forwards) on
+  ``--fallback-images`` images, unless ``--skip-fallback``,
 
 all with the targets of ``--targets`` in one call, and reports wall time / clean-pass wall time and
 the forwards counted by the calibration (``model_evals`` single-image forwards, ``head_evals``
-head-only evaluations). Prints Markdown and the machine; ``--write`` replaces the "Calibration cost"
-section of ``docs/benchmarks.md``.
+head-only evaluations). Prints Markdown and the machine; ``--write`` replaces the section
+"Calibration cost, <model> <size>×<size>, <N> images" of ``docs/benchmarks.md``.
 
-Usage::
+Usage (the figures in docs/benchmarks.md; a short check: ``--n-images 64 --rounds 1``)::
 
-    python benchmarks/calibration.py --n-images 2000 --model resnet50 --image-size 224
-    python benchmarks/calibration.py --model resnet18 --n-images 200 --image-size 64 --fallback-draws 4
+    python benchmarks/calibration.py --model resnet18 --image-size 32 --n-images 1024 --write
+    python benchmarks/calibration.py --model resnet50 --image-size 224 --n-images 2000 \
+        --batch-size 64 --fallback-draws 2 --fallback-images 50 --write
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
 import timm
 import torch
 from _machine import describe_machine, replace_section
+from torch import nn
 
 import randfeat
+from randfeat.layers import find_classifier
 
 HEAD = {"resnet": "fc.pre", "vit": "head.pre", "deit": "head.pre"}
 MID = {"resnet": "layer3", "vit": "blocks.6", "deit": "blocks.6"}
@@ -59,6 +68,16 @@ def clean_pass(model: torch.nn.Module, x: torch.Tensor, batch: int, device: torc
     return time.perf_counter() - t0
 
 
+def head_in_sequential(model: nn.Module) -> tuple[nn.Module, str]:
+    """A copy of ``model`` whose classifier is wrapped in ``nn.Sequential`` (same function, but
+    not an ``nn.Linear``, so calibration takes the cached-head path), and its ``.pre`` spec."""
+    other = copy.deepcopy(model)
+    name, clf = find_classifier(other)
+    parent, _, attr = name.rpartition(".")
+    setattr(other.get_submodule(parent) if parent else other, attr, nn.Sequential(clf))
+    return other, f"{name}.pre"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="resnet50")
@@ -77,6 +96,7 @@ def main() -> None:
         "full set would take hours on a CPU); its clean-pass equivalents use its own clean pass",
     )
     p.add_argument("--skip-fallback", action="store_true")
+    p.add_argument("--skip-head", action="store_true", help="skip the cached-head comparison")
     p.add_argument("--rounds", type=int, default=3, help="clean passes timed (median)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
@@ -115,15 +135,18 @@ def main() -> None:
         clean_fb = statistics.median(
             clean_pass(model, x[:n_fb], args.batch_size, device) for _ in range(args.rounds)
         )
-    runs = [("fast path", fast_layer, None, args.n_images, clean)]
+    runs = [("projected", model, fast_layer, None, args.n_images, clean)]
+    if not args.skip_head:
+        sequential, head_layer = head_in_sequential(model)
+        runs.append(("cached head", sequential, head_layer, None, args.n_images, clean))
     if not args.skip_fallback:
-        runs.append(("fallback", mid_layer, args.fallback_draws, n_fb, clean_fb))
+        runs.append(("fallback", model, mid_layer, args.fallback_draws, n_fb, clean_fb))
     rows = []
-    for label, layer, draws, n_run, clean_run in runs:
+    for label, net, layer, draws, n_run, clean_run in runs:
         _sync(device)
         t0 = time.perf_counter()
         cs = randfeat.calibrate_nu(
-            model,
+            net,
             (x[:n_run], y[:n_run]),
             layer,
             args.targets,
@@ -139,7 +162,7 @@ def main() -> None:
         nus = ", ".join(f"{r.nu:.3g}" for r in cs)
         drops = ", ".join(f"{r.drop:.4f}" for r in cs)
         rows.append(
-            f"| {label} | `{layer}` | {n} | {c.fast_path} | {c.draws} | {len(c.history)} | "
+            f"| {label} | `{layer}` | {n} | {c.path} | {c.draws} | {len(c.history)} | "
             f"{wall:.2f} | {clean_run:.2f} | **{wall / clean_run:.2f}** | {c.model_evals / n:.1f} | "
             f"{c.head_evals / n:.0f} | {nus} | {drops} |"
         )
@@ -150,6 +173,8 @@ def main() -> None:
             f"--image-size {args.image_size} --batch-size {args.batch_size}"
             + (f" --fallback-draws {args.fallback_draws}" if args.fallback_draws else "")
             + f" --fallback-images {args.fallback_images}"
+            + (" --skip-head" if args.skip_head else "")
+            + (" --skip-fallback" if args.skip_fallback else "")
             + "`",
             "",
             f"Machine: {describe_machine(device)}. Random weights; labels = the model's own clean "
@@ -158,7 +183,7 @@ def main() -> None:
             f"same {args.n_images} images: {clean:.2f} s (median of {args.rounds}); each path's "
             "clean-pass equivalents divide its wall time by one clean pass over its own images.",
             "",
-            "| path | layer | images | fast path | draws | candidates | wall (s) | clean pass (s) "
+            "| run | layer | images | path | draws | candidates | wall (s) | clean pass (s) "
             "| clean-pass equiv. | model evals / N | head evals / N | ν per target | drop per target |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
             *rows,
@@ -166,7 +191,11 @@ def main() -> None:
     )
     print(body)
     if args.write:
-        replace_section("Calibration cost", body, device)
+        title = (
+            f"Calibration cost, {args.model} {args.image_size}×{args.image_size}, "
+            f"{args.n_images} images"
+        )
+        replace_section(title, body, device)
 
 
 if __name__ == "__main__":

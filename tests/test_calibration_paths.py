@@ -225,6 +225,29 @@ def test_nonlinear_heads_fall_back(digits: Digits, digits_model: DigitsCNN) -> N
     assert isinstance(c, Calibration) and c.path == "head"
 
 
+def test_hugging_face_classifiers_take_the_projected_path() -> None:
+    """Hugging Face models return an output object; its `.logits` is the classifier's output."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    vit = transformers.ViTForImageClassification(
+        transformers.ViTConfig(
+            image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1,
+            num_attention_heads=2, intermediate_size=64, num_labels=5,
+        )
+    )  # fmt: skip
+    resnet = transformers.ResNetForImageClassification(
+        transformers.ResNetConfig(
+            embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=5
+        )
+    )
+    x = torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for model, key in ((vit.eval(), "classifier.pre"), (resnet.eval(), "classifier.1.pre")):
+        with torch.no_grad():
+            y = model(x).logits.argmax(1)
+        c = calibrate_nu(model, (x, y), "penultimate", 0.1, seed=0, draws=4, progress=False)
+        assert isinstance(c, Calibration) and c.layers == (key,) and c.path == "projected"
+
+
 def test_the_input_and_several_layers_take_full_forwards(
     digits: Digits, digits_model: DigitsCNN
 ) -> None:
