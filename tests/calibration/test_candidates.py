@@ -18,7 +18,7 @@ from torch import nn
 
 import randfeat
 from randfeat import Calibration, calibrate_nu
-from randfeat._calibration_data import correct_intervals
+from randfeat.calibration.candidates import correct_intervals
 from randfeat.eval.data import Digits
 from randfeat.eval.models import DigitsCNN
 
