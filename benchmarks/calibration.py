@@ -1,29 +1,28 @@
-"""Cost of ``randfeat.calibrate_nu`` in clean-pass equivalents, measured in one run.
+"""Cost of `randfeat.calibrate_nu` in clean-pass equivalents, measured in one run.
 
-For one timm model (random weights, ``pretrained=False``) and ``--n-images`` random images, the
+For one timm model (random weights, `pretrained=False`) and `--n-images` random images, the
 labels are the model's own clean predictions, so the base accuracy is 100% by construction and every
 target drop is reachable. The script times:
 
-* one plain clean pass (``model(x)`` in batches of ``--batch-size``, no hooks), median of
-  ``--rounds``;
-* ``calibrate_nu`` at the classifier input (``fc.pre`` / ``head.pre``: a linear head, so the
+* one plain clean pass (`model(x)` in batches of `--batch-size`, no hooks), median of
+  `--rounds`;
+* `calibrate_nu` at the classifier input (`fc.pre` / `head.pre`: a linear head, so the
   projected path: the noise drawn and projected to the logits once);
-* the same point with the classifier wrapped in ``nn.Sequential`` (so not an ``nn.Linear``: the
+* the same point with the classifier wrapped in `nn.Sequential` (so not an `nn.Linear`: the
   cached-head path, which re-runs the head on noisy features for every candidate), unless
-  ``--skip-head``;
-* ``calibrate_nu`` at a mid-network layer (``layer3`` / ``blocks.6``: full noisy forwards) on
-  ``--fallback-images`` images, unless ``--skip-fallback``,
+  `--skip-head`;
+* `calibrate_nu` at a mid-network layer (`layer3` / `blocks.6`: full noisy forwards) on
+  `--fallback-images` images, unless `--skip-fallback`,
 
-all with the targets of ``--targets`` in one call, and reports wall time / clean-pass wall time and
-the forwards counted by the calibration (``model_evals`` single-image forwards, ``head_evals``
-head-only evaluations). Prints Markdown and the machine; ``--write`` replaces the section
-"Calibration cost, <model> <size>×<size>, <N> images" of ``docs/benchmarks.md``.
+all with the targets of `--targets` in one call, and reports wall time / clean-pass wall time and
+the forwards counted by the calibration (`model_evals` single-image forwards, `head_evals`
+head-only evaluations). Prints Markdown and the machine; `--write` replaces the section
+"Calibration cost, <model> <size>×<size>, <N> images" of `docs/benchmarks.md`.
 
-Usage (the figures in docs/benchmarks.md; a short check: ``--n-images 64 --rounds 1``)::
+Usage (the figures in docs/benchmarks.md; a short check: `--n-images 64 --rounds 1`):
 
     python benchmarks/calibration.py --model resnet18 --image-size 32 --n-images 1024 --write
-    python benchmarks/calibration.py --model resnet50 --image-size 224 --n-images 2000 \
-        --batch-size 64 --fallback-draws 2 --fallback-images 50 --write
+    python benchmarks/calibration.py --model resnet50 --image-size 224 --n-images 2000 --batch-size 64 --fallback-draws 2 --fallback-images 50 --write
 """
 
 from __future__ import annotations
@@ -58,7 +57,7 @@ def _sync(device: torch.device) -> None:
 
 
 def clean_pass(model: torch.nn.Module, x: torch.Tensor, batch: int, device: torch.device) -> float:
-    """Wall time of one plain pass over ``x`` (no hooks, no checks)."""
+    """Wall time of one plain pass over `x` (no hooks, no checks)."""
     _sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():
@@ -69,8 +68,8 @@ def clean_pass(model: torch.nn.Module, x: torch.Tensor, batch: int, device: torc
 
 
 def head_in_sequential(model: nn.Module) -> tuple[nn.Module, str]:
-    """A copy of ``model`` whose classifier is wrapped in ``nn.Sequential`` (same function, but
-    not an ``nn.Linear``, so calibration takes the cached-head path), and its ``.pre`` spec."""
+    """A copy of `model` whose classifier is wrapped in `nn.Sequential` (same function, but
+    not an `nn.Linear`, so calibration takes the cached-head path), and its `.pre` spec."""
     other = copy.deepcopy(model)
     name, clf = find_classifier(other)
     parent, _, attr = name.rpartition(".")

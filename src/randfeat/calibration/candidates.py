@@ -217,6 +217,7 @@ class ProjectedLogits:
         unit = self.spec(1.0)
         scale = sigma_for(unit[self.key] if isinstance(unit, dict) else unit,
                           weight.new_empty(0, width), self.key)  # fmt: skip
+        projection = (weight * scale).to(compute)  # W diag(σ): scale W once, not every draw
         gen = torch.Generator(device=weight.device).manual_seed(self.seed)
         step = max(1, HEAD_ELEMENTS // self.logits.shape[1] // self.draws)  # images per product
         lo_parts, hi_parts = [], []
@@ -227,7 +228,7 @@ class ProjectedLogits:
             for zc, yc, ec in zip(
                 z.split(step), y.split(step), eps.split(step * self.draws), strict=True
             ):
-                p = nn.functional.linear((ec * scale).to(compute), weight.to(compute))
+                p = nn.functional.linear(ec.to(compute), projection)
                 lo, hi = correct_intervals(zc, yc, p.view(zc.shape[0], self.draws, -1))
                 lo_parts.append(lo)
                 hi_parts.append(hi)
