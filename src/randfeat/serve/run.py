@@ -172,23 +172,23 @@ def serve_in_thread(
 ) -> Iterator[str]:
     """Run `app` in a background thread; yield its base URL; stop it (gracefully) on exit.
 
-        Args:
-            app: e.g. from [create_app][randfeat.serve.app.create_app].
-            host: the interface (127.0.0.1: this machine only).
-            port: the TCP port; 0 picks a free one.
-            timeout: seconds to wait for startup and for shutdown.
+    Args:
+        app: e.g. from [create_app][randfeat.serve.app.create_app].
+        host: the interface (127.0.0.1: this machine only).
+        port: the TCP port; 0 picks a free one.
+        timeout: seconds to wait for startup and for shutdown.
 
-        Raises:
-            RuntimeError: the server did not start within `timeout`.
+    Raises:
+        RuntimeError: the server did not start within `timeout`.
 
-        Examples:
-            >>> import httpx, torch
-            >>> from randfeat.serve.app import create_app
-            >>> from randfeat.serve.config import ModelCard
-            >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
-            >>> with serve_in_thread(create_app(net, ModelCard("toy", (1, 8, 8), 10, False))) as url:
-            ...     httpx.get(url + "/healthz").json()["status"]
-            'ok'
+    Examples:
+        >>> import httpx, torch
+        >>> from randfeat.serve.app import create_app
+        >>> from randfeat.serve.config import ModelCard
+        >>> net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+        >>> with serve_in_thread(create_app(net, ModelCard("toy", (1, 8, 8), 10, False))) as url:
+        ...     httpx.get(url + "/healthz").json()["status"]
+        'ok'
     """
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets that say they are TCP,
     # and without it Nagle's algorithm and delayed ACKs add ~40 ms to every request
