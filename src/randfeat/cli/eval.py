@@ -4,12 +4,14 @@ Runs [run_eval][randfeat.eval.grid.runner.run_eval] (alone, or under
 `torchrun --nproc-per-node N -m randfeat eval ...`) and writes a resumable JSON Lines result file
 ([randfeat.eval.resultfile][]). Settings come from, in increasing priority: the defaults,
 `--preset`, `--config FILE.toml` (keys as the flags, `-` or `_`; lists as TOML arrays or comma
-strings) and the flags.
+strings) and the flags. `--target URL` attacks a model served by `randfeat serve` over HTTP
+([HTTPModel][randfeat.eval.remote.HTTPModel]) with the same grid, result file and report.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from randfeat.cli.command import Command, UsageError, logging_to_stderr
@@ -21,7 +23,10 @@ from randfeat.eval.grid.presets import PAPER_ATTACKS, PRESETS
 from randfeat.eval.grid.runner import run_eval
 from randfeat.eval.models.sources import MODEL_SOURCES
 
-__all__ = ["COMMAND", "settings"]
+__all__ = ["API_KEY_ENV", "COMMAND", "settings"]
+
+API_KEY_ENV = "RANDFEAT_API_KEY"
+"""The environment variable `--api-key` defaults to (keeps the key out of `ps` listings)."""
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
@@ -60,6 +65,18 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         help="held-out calibration images (default: the rest of the pool, up to 1000)",
     )
     m.add_argument("--calib-draws", type=int, metavar="N", help="noise draws per calibration image")
+    t = p.add_argument_group("a served model (randfeat serve) instead of a local one")
+    t.add_argument(
+        "--target",
+        metavar="URL",
+        help="attack the model served at URL, e.g. http://127.0.0.1:8000, over HTTP: no local "
+        "model or calibration; the one defense 'served' is whatever the server runs",
+    )
+    t.add_argument(
+        "--api-key",
+        metavar="KEY",
+        help=f"the X-API-Key to send (default ${API_KEY_ENV}); never written to the result file",
+    )
     g = p.add_argument_group("grid")
     g.add_argument(
         "--defenses",
@@ -170,6 +187,8 @@ def settings(args: argparse.Namespace) -> dict[str, object]:
         merged["preset"] = preset.name
     merged.update(from_file)
     merged.update(flags)
+    if "api_key" not in merged and os.environ.get(API_KEY_ENV):
+        merged["api_key"] = os.environ[API_KEY_ENV]
     return merged
 
 

@@ -51,10 +51,14 @@ class _Record:
     TYPE: ClassVar[str | None] = None  # the "type" written with the record, if any
 
     def to_json(self) -> JSONObject:
-        """The record as a JSON-ready `dict` (field order kept; `"type"` first for rows)."""
+        """The record as a JSON-ready `dict` (field order kept; `"type"` first for rows; a field
+        with a default is left out while it holds that default)."""
         out: JSONObject = {} if self.TYPE is None else {"type": self.TYPE}
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            out[f.name] = _encode(getattr(self, f.name))
+            value = getattr(self, f.name)
+            if f.default is not dataclasses.MISSING and value == f.default:
+                continue  # a field added later is written only when used (older readers agree)
+            out[f.name] = _encode(value)
         return out
 
     @classmethod
@@ -80,10 +84,16 @@ class _Record:
                 f"The {name} record has unknown field(s) {', '.join(unknown)}; expected "
                 f"{', '.join(sorted(fields))}. Was it written by another randfeat version?"
             )
-        missing = [f for f in sorted(fields) if f not in data]
+        # a field with a default (added in a later version) may be absent
+        optional = {
+            f.name
+            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+            if f.default is not dataclasses.MISSING
+        }
+        missing = [f for f in sorted(fields - optional) if f not in data]
         if missing:
             raise ReportError(f"The {name} record lacks field(s) {', '.join(missing)}.")
-        values = {f: _decode(hints[f], data[f], f"{name}.{f}") for f in fields}
+        values = {f: _decode(hints[f], data[f], f"{name}.{f}") for f in fields if f in data}
         return cls(**values)
 
 
@@ -188,16 +198,19 @@ class ModelInfo(_Record):
     """The attacked model.
 
     Attributes:
-        name: the `--model` name.
-        parameters: number of parameters.
+        name: the `--model` name (with `--target`, the served model's name).
+        parameters: number of parameters (0 for a served model: not known to the client).
         outputs: number of classes `K` it scores.
         image_size: the image side the data was resized to (`null`: the data's own).
+        served: with `--target`, the server's `GET /v1/info` at the start of the run (absent
+            otherwise).
     """
 
     name: str
     parameters: int
     outputs: int
     image_size: int | None
+    served: Mapping[str, object] | None = None
 
 
 @dataclass(frozen=True)
@@ -267,7 +280,7 @@ class Header(_Record):
         eps: the radii used, and where they came from.
         data: the pool of images.
         model: the attacked model.
-        defenses: defense names: `base`, `aaa`, `input@<drop>`, `feature@<drop>`.
+        defenses: defense names: `base`, `aaa`, `input@<drop>`, `feature@<drop>`; `served` with `--target`.
         attacks: attack name → how it was built.
         calibration: defense name → its calibrated ν (randomized defenses only).
         attacked_indices: dataset indices attacked, in chunk order.

@@ -25,10 +25,24 @@ from randfeat.eval.datasets import DataSpec
 from randfeat.eval.errors import ConfigError
 from randfeat.eval.models.sources import ModelSource, model_source
 
-__all__ = ["DEFENSE_KINDS", "EvalConfig", "derive_seed"]
+__all__ = ["DEFENSE_KINDS", "SERVED", "EvalConfig", "derive_seed"]
 
 DEFENSE_KINDS = ("base", "input", "feature", "aaa")
 """The defenses `--defenses` accepts: none, RND, randomized features, AAA."""
+SERVED = "served"
+"""The one defense of a run against a URL (`--target`): whatever the server runs."""
+_LOCAL_ONLY = (
+    "model",
+    "pretrained",
+    "checkpoint",
+    "num_classes",
+    "defenses",
+    "layers",
+    "target_drop",
+    "calib_images",
+    "calib_draws",
+)
+"""Settings of a local model and its defenses, which a run against `--target` cannot have."""
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -55,6 +69,9 @@ class EvalConfig:
         fresh_forwards: forwards per image for `fresh` (`rejudge`).
         batch_size, forward_batch: images per unit (chunk), most rows per model forward.
         seed, device, quiet, out, preset: see `randfeat eval --help`.
+        target: the URL of a served model (`randfeat serve`) to attack instead of a local model:
+            no local calibration, the one defense `served` is whatever the server runs.
+        api_key: the `X-API-Key` sent to `target` (a secret: not written to the result file).
         eps_source: where `eps` / `eps_l2` came from (derived; not a setting).
     """
 
@@ -84,12 +101,14 @@ class EvalConfig:
     quiet: bool = False
     out: str = "results.jsonl"
     preset: str | None = None
+    target: str | None = None
+    api_key: str | None = field(default=None, compare=False, repr=False)
     eps_source: str = field(default="", compare=False)
 
     @classmethod
     def keys(cls) -> list[str]:
-        """The setting names (`eps_source` is derived, not a setting)."""
-        return [f.name for f in dataclasses.fields(cls) if f.name != "eps_source"]
+        """The setting names written to the header (not `eps_source`, derived, nor `api_key`)."""
+        return [f.name for f in dataclasses.fields(cls) if f.name not in ("eps_source", "api_key")]
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> EvalConfig:
@@ -99,10 +118,11 @@ class EvalConfig:
             ConfigError: an unknown key, an unknown name (with close matches) or a bad value.
         """
         v = {k.replace("-", "_"): x for k, x in values.items()}
-        unknown = sorted(set(v) - set(cls.keys()))
+        unknown = sorted(set(v) - {*cls.keys(), "api_key"})
         if unknown:
             raise ConfigError(_unknown("setting", unknown[0], cls.keys()))
         d = cls()
+        target = _target(v)
         dataset = DataSpec.parse(str(v.get("data", d.data))).dataset
         source = "user"
         eps = _opt_float(v, "eps")
@@ -121,7 +141,11 @@ class EvalConfig:
             n_images=_opt_int(v, "n_images") or dataset.n_images,
             calib_images=_opt_int(v, "calib_images"),
             calib_draws=_opt_int(v, "calib_draws"),
-            defenses=_names(v.get("defenses", d.defenses), DEFENSE_KINDS, "defense"),
+            defenses=(
+                (SERVED,)
+                if target
+                else _names(v.get("defenses", d.defenses), DEFENSE_KINDS, "defense")
+            ),
             layers=_strings(v.get("layers", d.layers), "layers"),
             target_drop=_drops(v.get("target_drop", d.target_drop)),
             attacks=_names(v.get("attacks", d.attacks), ATTACKS, "attack"),
@@ -138,6 +162,8 @@ class EvalConfig:
             quiet=_bool(v, "quiet", d.quiet),
             out=str(v.get("out", d.out)),
             preset=None if v.get("preset") is None else str(v["preset"]),
+            target=target,
+            api_key=None if v.get("api_key") is None else str(v["api_key"]),
             eps_source=source,
         )
         names = cfg.defense_names()
@@ -146,7 +172,8 @@ class EvalConfig:
                 f"Expected distinct `target_drop` values, but {cfg.target_drop} give the "
                 f"defense names {names}."
             )
-        _check_model(cfg, model_source(cfg.model))
+        if target is None:
+            _check_model(cfg, model_source(cfg.model))
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
@@ -193,6 +220,26 @@ def _check_model(cfg: EvalConfig, source: ModelSource) -> None:
         )
     if cfg.pretrained and not source.pretrained:
         raise ConfigError(f"--pretrained does not apply to {cfg.model}: its weights are its own.")
+
+
+def _target(v: Mapping[str, Any]) -> str | None:
+    """The `target` URL, checked, and refused alongside settings of a local model."""
+    url = v.get("target")
+    if url is None:
+        return None
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise ConfigError(
+            f"Expected `target` to be the URL of a served model, e.g. http://127.0.0.1:8000, "
+            f"but got {url!r}."
+        )
+    clash = [k for k in _LOCAL_ONLY if k in v]
+    if clash:
+        flag = "--" + clash[0].replace("_", "-")
+        raise ConfigError(
+            f"--target attacks the served model as it is (the server chose its model and "
+            f"defense, and calibrated it): {flag} does not apply. Drop {flag}."
+        )
+    return url
 
 
 def _unknown(what: str, name: str, valid: Collection[str]) -> str:

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from randfeat.calibration import calibrate_nu
+from randfeat.eval.attacks.registry import ATTACKS
 from randfeat.eval.data import balanced_subset
 from randfeat.eval.datasets import Pool
 from randfeat.eval.errors import ConfigError
@@ -31,6 +32,7 @@ from randfeat.eval.grid.config import EvalConfig, derive_seed
 from randfeat.eval.grid.distributed import Dist, device_name
 from randfeat.eval.grid.units import build_attacks
 from randfeat.eval.models.sources import ModelRequest, model_source
+from randfeat.eval.oracle import Model
 from randfeat.eval.records import (
     AttackInfo,
     CalibratedDefense,
@@ -40,6 +42,7 @@ from randfeat.eval.records import (
     Radii,
     Unit,
 )
+from randfeat.eval.remote import HTTPModel, RemoteError
 from randfeat.eval.resultfile import (
     FORMAT,
     FORMAT_VERSION,
@@ -49,7 +52,7 @@ from randfeat.eval.resultfile import (
 )
 from randfeat.layers import resolve_layers
 
-__all__ = ["Plan", "load_model", "load_pool", "prepare"]
+__all__ = ["Plan", "connect", "load_model", "load_pool", "prepare"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +72,14 @@ class Plan:
     image_size: int | None
 
 
-def load_model(cfg: EvalConfig) -> nn.Module:
-    """The model `cfg` names, in eval mode, taking images in $[0, 1]$.
+def load_model(cfg: EvalConfig) -> Model:
+    """The model `cfg` names, in eval mode, taking images in $[0, 1]$ (or the `--target` URL).
 
     Raises:
         ConfigError: it cannot be loaded (the message says what to fix).
     """
+    if cfg.target is not None:
+        return connect(cfg)
     request = ModelRequest(cfg.model, cfg.pretrained, cfg.checkpoint, cfg.num_classes)
     dataset = cfg.data_spec.dataset
     if request.num_classes is None and dataset.classes is not None:
@@ -82,10 +87,36 @@ def load_model(cfg: EvalConfig) -> nn.Module:
     return model_source(cfg.model).load(request)
 
 
-def image_size(cfg: EvalConfig, model: nn.Module) -> int | None:
+def connect(cfg: EvalConfig) -> HTTPModel:
+    """The served model at `cfg.target`: scores, or labels when every attack is decision-based.
+
+    Raises:
+        ConfigError: the server cannot be reached, is not a randfeat server, or answers labels
+            only while a score-based attack is asked for.
+    """
+    url = str(cfg.target)
+    try:
+        try:
+            return HTTPModel(url, api_key=cfg.api_key)
+        except ValueError as err:  # a labels-only server
+            needs_scores = [a for a in cfg.attacks if ATTACKS[a].output == "scores"]
+            if needs_scores:
+                raise ConfigError(
+                    f"{err} Attacks {', '.join(needs_scores)} need scores: choose decision-based "
+                    "attacks (rays, signflip) for this server."
+                ) from err
+            return HTTPModel(url, output="labels", api_key=cfg.api_key)
+    except RemoteError as err:
+        raise ConfigError(f"Cannot use --target {url}: {err}") from err
+
+
+def image_size(cfg: EvalConfig, model: Model) -> int | None:
     """`--image-size`, else the model's own input side for data sets that default to it."""
     if cfg.image_size is not None or not cfg.data_spec.dataset.native_size:
         return cfg.image_size
+    if isinstance(model, HTTPModel):
+        return model.info.input_shape[-1]
+    assert isinstance(model, nn.Module)  # load_model gives a module unless there is a target
     return model_source(cfg.model).native_size(model) or 224
 
 
@@ -134,12 +165,12 @@ def _indices(cfg: EvalConfig, pool: Pool) -> tuple[Tensor, Tensor]:
 
 
 def _calibrate(
-    cfg: EvalConfig, model: nn.Module, pool: Pool, idx: Tensor
+    cfg: EvalConfig, model: Model, pool: Pool, idx: Tensor
 ) -> dict[str, CalibratedDefense]:
     """ν for every `input@drop` / `feature@drop` defense (one search per kind, all drops)."""
     out: dict[str, CalibratedDefense] = {}
     kinds = [k for k in cfg.defenses if k in ("input", "feature")]
-    if not kinds:
+    if not kinds or not isinstance(model, nn.Module):  # a served model: no local calibration
         return out
     # digits: one small tensor pair; image files: streamed in batches, never all in memory
     data = pool.images(idx) if pool.x is not None else _Rereadable(pool, idx)
@@ -211,23 +242,33 @@ def _new_header(
     cfg: EvalConfig,
     dist: Dist,
     dev: torch.device,
-    model: nn.Module,
+    model: Model,
     pool: Pool,
     size: int | None,
     attacked: Tensor,
     cal: Tensor,
 ) -> Header:
     """Check the model against the data, calibrate, and describe the run."""
-    model.to(dev)
     x0, _ = pool.images(attacked[:1])
-    with torch.no_grad():
-        classes = int(model(x0.to(dev)).shape[-1])
+    served = None
+    if isinstance(model, HTTPModel):  # no query spent: the server's /v1/info says it all
+        try:
+            model.check(x0, pool.labels)
+        except ValueError as err:
+            raise ConfigError(f"{err} (--image-size resizes CIFAR-10 / ImageFolder data.)") from err
+        classes, parameters, served = model.info.classes, 0, model.info.to_json()
+    else:
+        assert isinstance(model, nn.Module)  # load_model gives a module unless there is a target
+        model.to(dev)
+        with torch.no_grad():
+            classes = int(model(x0.to(dev)).shape[-1])
+        parameters = sum(p.numel() for p in model.parameters())
     if int(pool.labels.max()) >= classes:
         raise ConfigError(
             f"--data {cfg.data!r} has labels up to {int(pool.labels.max())}, but model "
             f"{cfg.model!r} has {classes} outputs; pass --num-classes or a matching --checkpoint."
         )
-    if "feature" in cfg.defenses:
+    if "feature" in cfg.defenses and isinstance(model, nn.Module):
         try:
             resolve_layers(model, list(cfg.layers))
         except (ValueError, TypeError) as err:
@@ -253,10 +294,11 @@ def _new_header(
             image_shape=tuple(x0.shape[1:]),
         ),
         model=ModelInfo(
-            name=cfg.model,
-            parameters=sum(p.numel() for p in model.parameters()),
+            name=cfg.model if served is None else str(served["model"]),
+            parameters=parameters,
             outputs=classes,
             image_size=size,
+            served=served,
         ),
         defenses=tuple(cfg.defense_names()),
         attacks={
@@ -274,7 +316,7 @@ def _new_header(
 
 def prepare(
     cfg: EvalConfig, dist: Dist, dev: torch.device, writer: ResultWriter
-) -> tuple[Plan, nn.Module, Pool]:
+) -> tuple[Plan, Model, Pool]:
     """Rank 0: read the file, load, calibrate (or reuse the header's ν), write the header.
 
     Returns:

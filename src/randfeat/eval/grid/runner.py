@@ -36,6 +36,7 @@ from randfeat.eval.grid.distributed import Dist, device_name, init_dist
 from randfeat.eval.grid.plan import Plan, load_model, load_pool, prepare
 from randfeat.eval.grid.progress import Progress
 from randfeat.eval.grid.units import UnitRunner, build_attacks, build_defenses, grid_units
+from randfeat.eval.oracle import Model
 from randfeat.eval.resultfile import ResultWriter
 from randfeat.wrapper import RandomizedFeatureWrapper
 
@@ -68,7 +69,8 @@ def _run(cfg: EvalConfig, dist: Dist, dev: torch.device) -> Path:
     writer = ResultWriter(cfg.out) if dist.rank == 0 else None
     try:
         plan, model, pool = _plan(cfg, dist, dev, writer)
-        model.to(dev)
+        if isinstance(model, nn.Module):  # a served model (--target) stays where it is
+            model.to(dev)
         header = plan.header
         attacked = torch.tensor(header.attacked_indices, dtype=torch.long)
         x, y = pool.images(attacked)
@@ -92,10 +94,10 @@ def _run(cfg: EvalConfig, dist: Dist, dev: torch.device) -> Path:
 
 def _plan(
     cfg: EvalConfig, dist: Dist, dev: torch.device, writer: ResultWriter | None
-) -> tuple[Plan, nn.Module, Pool]:
+) -> tuple[Plan, Model, Pool]:
     """Rank 0 prepares (under the file's lock) and broadcasts the plan; the others load."""
     plan: Plan | str | None = None
-    model: nn.Module | None = None
+    model: Model | None = None
     pool: Pool | None = None
     if writer is not None:
         note = "; the paper's 0.05 / 5 are for 224×224 images" if "digits" in cfg.eps_source else ""

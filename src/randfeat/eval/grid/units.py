@@ -22,9 +22,10 @@ from torch import Tensor, nn
 from randfeat.eval.attacks.base import Attack
 from randfeat.eval.attacks.registry import ATTACKS
 from randfeat.eval.defenses import AAA
-from randfeat.eval.grid.config import EvalConfig, derive_seed
-from randfeat.eval.oracle import distance, rejudge
+from randfeat.eval.grid.config import SERVED, EvalConfig, derive_seed
+from randfeat.eval.oracle import Model, distance, rejudge
 from randfeat.eval.records import AttackRow, CalibratedDefense, CleanRow, Header, Row, Unit
+from randfeat.eval.remote import HTTPModel
 from randfeat.wrapper import RandomizedFeatureWrapper, wrap
 
 __all__ = ["UnitRunner", "build_attacks", "build_defenses", "grid_units"]
@@ -52,15 +53,17 @@ def build_attacks(cfg: EvalConfig) -> dict[str, Attack]:
 
 
 def build_defenses(
-    cfg: EvalConfig, model: nn.Module, calibration: Mapping[str, CalibratedDefense]
-) -> dict[str, nn.Module]:
+    cfg: EvalConfig, model: Model, calibration: Mapping[str, CalibratedDefense]
+) -> dict[str, Model]:
     """The grid's defended models by name: `base` is `model`, `aaa` wraps it, and every
     randomized defense is a wrapper with its calibrated ν (several wrappers may hook one model:
-    each hook acts only in its own forward)."""
-    out: dict[str, nn.Module] = {}
+    each hook acts only in its own forward). `served` (`--target`) is the served model itself."""
+    out: dict[str, Model] = {}
     for name in cfg.defense_names():
-        if name == "base":
+        if name in ("base", SERVED):
             out[name] = model
+        elif not isinstance(model, nn.Module):
+            raise TypeError(f"The defense {name!r} needs a local model, not {model!r}.")
         elif name == "aaa":
             out[name] = AAA(model)
         else:
@@ -88,7 +91,7 @@ class UnitRunner:
     header: Header
     x: Tensor
     y: Tensor
-    defended: dict[str, nn.Module] = field(default_factory=dict)
+    defended: dict[str, Model] = field(default_factory=dict)
     attacks: dict[str, Attack] = field(default_factory=dict)
 
     def chunk(self, c: int) -> tuple[Tensor, Tensor, list[int]]:
@@ -103,10 +106,28 @@ class UnitRunner:
         return _run_unit(self, unit)
 
 
-def _reseed(model: nn.Module, seed: int) -> None:
-    """Restart a randomized defense's noise stream (base and AAA are deterministic)."""
+def _reseed(model: Model, seed: int) -> None:
+    """Restart a randomized defense's noise stream (base and AAA are deterministic; a served
+    model's noise is the server's, unpredictable by design)."""
     if isinstance(model, RandomizedFeatureWrapper):
         model.manual_seed(seed)
+
+
+def _randomized(model: Model) -> bool:
+    """Whether each forward of `model` draws noise (a wrapper, or a defended served model)."""
+    if isinstance(model, HTTPModel):
+        return model.info.defended
+    return isinstance(model, RandomizedFeatureWrapper)
+
+
+def _majority(model: Model, x: Tensor, votes: int, forward_batch: int) -> Tensor:
+    """The label most of `votes` forwards give each image (ties: the smallest label), `[N]`."""
+    rep = x.repeat_interleave(votes, dim=0)
+    out = torch.cat([model(c) for c in rep.split(forward_batch)])
+    labels = out if out.ndim == 1 else out.argmax(dim=1)
+    counts = torch.zeros(x.shape[0], int(labels.max()) + 1, dtype=torch.long, device=labels.device)
+    counts.scatter_add_(1, labels.view(-1, votes), torch.ones_like(labels.view(-1, votes)))
+    return counts.argmax(dim=1)
 
 
 def _run_unit(ctx: UnitRunner, unit: Unit) -> list[Row]:
@@ -118,7 +139,7 @@ def _run_unit(ctx: UnitRunner, unit: Unit) -> list[Row]:
     t0 = time.perf_counter()
     x, y, images = ctx.chunk(unit.chunk)
     model = ctx.defended[unit.defense]
-    randomized = isinstance(model, RandomizedFeatureWrapper)
+    randomized = _randomized(model)
     parts = (unit.kind, unit.defense, unit.attack, unit.budget, unit.chunk)
     _reseed(model, derive_seed(cfg.seed, "noise", *parts))
     labels = y.tolist()
@@ -126,8 +147,11 @@ def _run_unit(ctx: UnitRunner, unit: Unit) -> list[Row]:
         with torch.no_grad():
             if isinstance(model, RandomizedFeatureWrapper):
                 pred = model.predict(x, votes=cfg.votes, batch_size=cfg.forward_batch)
+            elif randomized:  # a defended served model: the majority of its answers
+                pred = _majority(model, x, cfg.votes, cfg.forward_batch)
             else:
-                pred = torch.cat([model(c).argmax(dim=1) for c in x.split(cfg.forward_batch)])
+                outs = [model(c) for c in x.split(cfg.forward_batch)]  # scores, or labels
+                pred = torch.cat([o if o.ndim == 1 else o.argmax(dim=1) for o in outs])
         seconds = time.perf_counter() - t0
         return [
             CleanRow(

@@ -27,7 +27,13 @@ from randfeat.eval.report.summary import attack_label, attack_rows_by_cell, poin
 
 __all__ = ["plot_curves", "robust_curve"]
 
-_COLORS = {"base": "#4d4d4d", "input": "#1f77b4", "feature": "#d62728", "aaa": "#2ca02c"}
+_COLORS = {
+    "base": "#4d4d4d",
+    "input": "#1f77b4",
+    "feature": "#d62728",
+    "aaa": "#2ca02c",
+    "served": "#9467bd",
+}
 _STYLES = ("-", "--", ":", "-.")
 
 

@@ -44,7 +44,13 @@ __all__ = [
 ]
 
 _NORM_NAMES = {"linf": "ℓ∞", "l2": "ℓ2"}
-_DEFENSE_NAMES = {"base": "Base", "input": "Input", "feature": "Feature", "aaa": "AAA"}
+_DEFENSE_NAMES = {
+    "base": "Base",
+    "input": "Input",
+    "feature": "Feature",
+    "aaa": "AAA",
+    "served": "Served",
+}
 
 
 @dataclass(frozen=True)
