@@ -7,6 +7,8 @@ Subcommands, one module each, listed in [COMMANDS][randfeat.cli.COMMANDS]:
   `torchrun --nproc-per-node N -m randfeat eval ...`.
 - `randfeat report` ([randfeat.cli.report][]): the paper-style table (Markdown, CSV) and
   robustness curves of result files.
+- `randfeat serve` ([randfeat.cli.serve][]): a (defended) model behind an HTTP API, for
+  `randfeat eval --target URL` (or any client) to attack.
 - `randfeat demo` ([randfeat.cli.demo][]): the README's first command, an end-to-end run on the
   digits.
 
@@ -24,13 +26,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from randfeat.cli import demo, eval, report
+from randfeat.cli import demo, eval, report, serve
 from randfeat.cli.command import Command, UsageError
 from randfeat.eval.errors import ConfigError
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
-COMMANDS: tuple[Command, ...] = (eval.COMMAND, report.COMMAND, demo.COMMAND)
+COMMANDS: tuple[Command, ...] = (eval.COMMAND, report.COMMAND, serve.COMMAND, demo.COMMAND)
 """The subcommands of `randfeat`, in the order `randfeat --help` lists them."""
 
 
