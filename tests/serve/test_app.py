@@ -285,3 +285,26 @@ def test_each_response_names_its_worker(serve: Any, digits_model: nn.Module) -> 
     a = httpx.get(url + "/healthz")
     b = httpx.post(url + "/v1/predict", json={"inputs": IMG})
     assert a.json()["worker"] == a.headers[WORKER_HEADER] == b.headers[WORKER_HEADER]
+
+
+def test_an_unexpected_error_is_a_json_500_and_the_server_keeps_serving(
+    serve: Any, digits_model: nn.Module, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from randfeat.serve import app as app_module
+
+    url = serve(digits_model)
+    calls = 0
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        raise SystemError("a bug of ours")
+
+    good = _npy(np.full((1, 1, 8, 8), 0.5, np.float32))
+    with httpx.Client(base_url=url) as client:
+        with monkeypatch.context() as m:
+            m.setattr(app_module, "decode_inputs", broken)
+            r = client.post("/v1/predict", **good)
+        assert calls == 1 and r.status_code == 500
+        assert r.json()["error"] == "internal_error" and r.json()["request_id"]
+        assert client.post("/v1/predict", **good).status_code == 200

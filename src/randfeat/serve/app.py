@@ -182,6 +182,13 @@ def create_app(
         msg += "GET /v1/info, GET /v1/usage and GET /healthz."
         return error(exc.status_code, code, msg, request_id(request))
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> Response:
+        rid = request_id(request)  # a bug of ours, not of the request: JSON, logged, id-tagged
+        logger.error("request %s: internal error", rid, exc_info=exc)
+        msg = f"The server failed on this request ({type(exc).__name__}); quote the request id."
+        return error(500, "internal_error", msg, rid)
+
     @app.get("/healthz")
     async def healthz(request: Request) -> Response:
         body = json.dumps({"status": "ok", "worker": worker}).encode()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -187,6 +188,12 @@ def encode_npy(array: np.ndarray[Any, Any]) -> bytes:
     return buf.getvalue()
 
 
+_NPY_LOCK = threading.Lock()
+"""NumPy reads a `.npy` header with `ast.literal_eval`, and CPython 3.11 can fail with
+"SystemError: AST constructor recursion depth mismatch" when two threads build ASTs at once
+(seen with 16 client threads and a server in one process): one header at a time."""
+
+
 def decode_npy(body: bytes) -> np.ndarray[Any, Any]:
     """The array in `.npy` bytes; never unpickles.
 
@@ -194,7 +201,8 @@ def decode_npy(body: bytes) -> np.ndarray[Any, Any]:
         ValueError: the bytes are not a `.npy` file of a plain (non-object) array.
     """
     try:
-        arr = np.load(io.BytesIO(body), allow_pickle=False)
+        with _NPY_LOCK:
+            arr = np.load(io.BytesIO(body), allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise ValueError(f"not a valid .npy array ({err})") from err
     if not isinstance(arr, np.ndarray):
