@@ -257,6 +257,8 @@ def create_app(
             except RequestError as err:
                 logger.info("request %s key=%s status=%d %s", rid, tag, err.status, err.code)
                 return error(err.status, err.code, err.message, rid, **err.detail)
+            except Exception as err:  # a bug of ours: answered here, the connection stays open
+                return await internal_error(request, err)
             n = x.shape[0]
             charge = ledger.charge(account, n)
             if not charge.allowed:
