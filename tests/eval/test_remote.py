@@ -34,6 +34,8 @@ def test_scores_and_labels_come_back_in_order_across_requests(
         assert model.requests == 1 + 4  # /v1/info, then 3 + 3 + 3 + 1 images (np.array_split)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert got.dtype == torch.float32
+    with HTTPModel(url, transport=transport) as model:  # type: ignore[arg-type]
+        assert model(x[:0]).shape == (0, 10) and model.requests == 1  # no request for no rows
     with HTTPModel(url, output="labels", transport=transport) as model:  # type: ignore[arg-type]
         labels = model(x)
     assert labels.dtype == torch.int64 and torch.equal(labels, want.argmax(dim=1))

@@ -308,3 +308,13 @@ def test_an_unexpected_error_is_a_json_500_and_the_server_keeps_serving(
         assert calls == 1 and r.status_code == 500
         assert r.json()["error"] == "internal_error" and r.json()["request_id"]
         assert client.post("/v1/predict", **good).status_code == 200
+
+
+def test_images_reach_the_model_in_its_own_dtype(serve: Any, digits_model: nn.Module) -> None:
+    double = nn.Sequential(nn.Flatten(), nn.Linear(64, 10)).double().eval()
+    url = serve(double, ModelCard("double", (1, 8, 8), 10, False))
+    x = np.full((2, 1, 8, 8), 0.5, np.float32)
+    r = httpx.post(url + "/v1/predict", **_npy(x))
+    assert r.status_code == 200, r.text
+    want = double(torch.from_numpy(x).double()).detach().numpy()
+    np.testing.assert_allclose(np.asarray(r.json()["scores"]), want, rtol=1e-6)

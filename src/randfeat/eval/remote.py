@@ -193,6 +193,10 @@ class HTTPModel:
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
             raise ValueError(f"Expected a tensor of images [n, C, H, W], but got {got}.")
         self.check(x)
+        if x.shape[0] == 0:  # nothing to ask the server
+            if self.output == "labels":
+                return torch.empty(0, dtype=torch.long, device=x.device)
+            return torch.empty(0, self.info.classes, device=x.device)
         arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
         outs = [self._predict(chunk) for chunk in np.array_split(arr, self._chunks(arr))]
         out = torch.from_numpy(np.concatenate(outs)) if len(outs) > 1 else torch.from_numpy(outs[0])

@@ -69,11 +69,17 @@ def _key_tag(key: str | None) -> str:
 def _model_forward(
     model: Callable[[Tensor], Any], card: ModelCard, options: ServeOptions
 ) -> Callable[[Tensor], Tensor]:
-    """The batcher's forward: scores `[n, K]` (float32) or labels `[n]` (int64), on the CPU."""
+    """The batcher's forward: scores `[n, K]` (float32) or labels `[n]` (int64), on the CPU.
+
+    Images go to `options.device`, in the dtype of the model's first floating parameter (a
+    half-precision model gets half-precision images).
+    """
     device = torch.device(options.device)
+    params = model.parameters() if isinstance(model, torch.nn.Module) else iter(())
+    dtype = next((p.dtype for p in params if p.is_floating_point()), torch.float32)
 
     def forward(x: Tensor) -> Tensor:
-        logits = logits_of(model(x.to(device)))
+        logits = logits_of(model(x.to(device, dtype)))
         if logits.shape != (x.shape[0], card.classes):
             raise RuntimeError(
                 f"the model returned {tuple(logits.shape)}, expected logits "
