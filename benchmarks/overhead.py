@@ -23,6 +23,7 @@ import torch
 from _machine import describe_machine, replace_section
 
 import randfeat
+from randfeat.noise import NoiseRNG, standard_normal
 
 MID = {"resnet50": "layer3", "vit_base_patch16_224": "blocks.6"}
 
@@ -45,26 +46,18 @@ def _noise_cost(
 ) -> float:
     """Median time of the wrapper's own work for one forward, measured in isolation.
 
-    The features at the wrapped point are captured once; then the wrapper's noise step on them is
-    timed many times (noise-free against the run-to-run jitter of whole forwards).
+    The features at the wrapped point are captured once (`feature_shapes` runs the wrapper's own
+    hooks); then the noise step on them (a draw from an unseeded per-thread stream, scaled and
+    added) is timed many times, free of the run-to-run jitter of whole forwards.
     """
-    point = w._points[0]
-    feats: list[torch.Tensor] = []
-    if point.key == "input":
-        feats.append(x)
-    else:
-        hook = (
-            point.module.register_forward_pre_hook(lambda m, a: feats.append(a[0]))
-            if point.where == "input"
-            else point.module.register_forward_hook(lambda m, a, o: feats.append(o))
-        )
-        with torch.inference_mode():
-            model(x)
-        hook.remove()
+    shape = next(iter(w.feature_shapes(x).values()))
+    feature = torch.rand(shape, device=device)
+    rng = NoiseRNG()
+    sigma = 0.1
     times = []
     with torch.inference_mode():
         for _ in range(50):
-            times.append(_timer(lambda: w._perturb(point.key, feats[0]), device))
+            times.append(_timer(lambda: feature + standard_normal(feature, rng) * sigma, device))
     return statistics.median(times)
 
 

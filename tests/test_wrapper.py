@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import math
 import pickle
+import weakref
 
 import pytest
 import timm
@@ -462,11 +464,121 @@ def test_no_hook_leaks_when_forward_raises() -> None:
     x = torch.rand(2, 4)
     with pytest.raises(RuntimeError, match="boom"):
         w(x)
-    assert w._depth == 0
     # the bare model's fc is clean again after the failed noisy forward
     assert torch.equal(model.fc(x), model.fc(x))
     w.unwrap()
     assert all_hooks(model) == 0
+
+
+# ---------------------------------------------------------------------------- mode, lifetime, scripting
+class DropBN(nn.Module):
+    """A model whose eval/train modes differ: dropout and batch norm (running statistics)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(12)
+        self.drop = nn.Dropout(0.5)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.drop(self.bn(x.flatten(1))))
+
+
+def modes(model: nn.Module) -> list[bool]:
+    return [m.training for m in model.modules()]
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_the_wrapper_mirrors_the_model_mode(training: bool) -> None:
+    model = DropBN().train(training)
+    model.bn.eval()  # a mixed mode: the wrapper must not flatten it
+    before = modes(model)
+    w = wrap(model, nu=0.1)
+    assert w.training is training and modes(model) == before
+    w.eval()
+    assert not w.training and not any(modes(model))
+    w.train()
+    assert w.training and all(modes(model))
+    model.eval()  # set on the model directly: the wrapper follows
+    assert not w.training
+
+
+def test_torchattacks_pgd_leaves_the_model_mode_and_buffers_unchanged() -> None:
+    """torchattacks saves `model.training` (here: the wrapper's) and restores it after the attack.
+
+    A wrapper that reported training=True would leave an eval() model in training mode: dropout on,
+    batch norm updating its running statistics at every later forward.
+    """
+    torchattacks = pytest.importorskip("torchattacks")
+    torch.manual_seed(0)
+    model = DropBN()
+    model(torch.rand(32, 1, 3, 4))  # non-trivial running statistics
+    model.eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    w = wrap(model, nu=0.01, seed=0)
+    x = torch.rand(4, 1, 3, 4)
+    y = torch.zeros(4, dtype=torch.long)
+    torchattacks.PGD(w, eps=0.1, alpha=0.02, steps=3)(x, y)
+    assert not w.training and not any(modes(model))
+    with torch.no_grad():
+        model(x)  # a forward in the mode the attack left behind
+        assert torch.equal(model(x), model(x))  # no dropout
+    after = model.state_dict()
+    assert all(torch.equal(state[k], after[k]) for k in state)  # running stats untouched
+
+
+def test_a_dropped_wrapper_leaves_no_hooks_and_no_noise() -> None:
+    model = MLP().eval()
+    x = torch.rand(2, 6)
+    with torch.no_grad():
+        clean = model(x)
+        w = wrap(model, ["body.0", "head.pre"], nu=1.0)
+        assert not torch.equal(w(x), clean)
+    ref = weakref.ref(w)
+    del w
+    gc.collect()
+    assert ref() is None  # the model's hooks did not keep the wrapper alive
+    assert all_hooks(model) == 0
+    with torch.no_grad():
+        assert torch.equal(model(x), clean)
+    assert list(model.state_dict()) == ["body.0.weight", "body.0.bias", "head.weight", "head.bias"]
+
+
+def test_a_pickled_model_of_a_live_wrapper_comes_back_clean() -> None:
+    """The hooks pickle their wrapper; alone with the model, the copy is dropped and unhooks."""
+    model = MLP().eval()
+    w = wrap(model, nu=1.0)
+    x = torch.rand(2, 6)
+    twin = pickle.loads(pickle.dumps(model))
+    gc.collect()
+    assert all_hooks(twin) == 0
+    with torch.no_grad():
+        assert torch.equal(twin(x), twin(x))
+    assert all_hooks(model) == 1 and w.layers == ["head.pre"]
+
+
+def test_torch_jit_script_is_refused_with_the_way_out() -> None:
+    w = wrap(MLP().eval(), nu=0.1)
+    with pytest.raises(TypeError, match=r"torch\.jit\.script cannot.*torch\.export\.export"):
+        torch.jit.script(w)
+
+
+def test_forward_with_noise_is_the_forward_with_that_draw() -> None:
+    """`feature + sqrt(ν)·ε` at each point, checked against the model computed by hand."""
+    model = MLP().double().eval()
+    w = wrap(model, ["body.0", "head.pre"], nu={"body.0": 0.5, "head.pre": 2.0})
+    x = torch.rand(3, 6, dtype=torch.float64)
+    shapes = w.feature_shapes(x)
+    assert shapes == {"body.0": torch.Size([3, 5]), "head.pre": torch.Size([3, 5])}
+    eps = {k: torch.randn(s, dtype=torch.float64) for k, s in shapes.items()}
+    with torch.no_grad():
+        h = model.body[0](x) + math.sqrt(0.5) * eps["body.0"]
+        expected = model.head(model.body[1](h) + math.sqrt(2.0) * eps["head.pre"])
+        assert torch.allclose(w.forward_with_noise(x, eps), expected)
+    with pytest.raises(ValueError, match="every wrapped layer"):
+        w.forward_with_noise(x, {"body.0": eps["body.0"]})
+    with pytest.raises(ValueError, match="feature's shape"):
+        w.forward_with_noise(x, {**eps, "head.pre": torch.zeros(3, 4)})
 
 
 # ---------------------------------------------------------------------------- property tests

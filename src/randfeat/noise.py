@@ -1,17 +1,22 @@
-"""Gaussian noise δ ~ N(0, ν·I) or N(0, diag Σ), and the seeding policy.
+r"""Gaussian noise δ ~ N(0, ν·I) or N(0, diag Σ), and the seeding policy.
 
-ν is a **variance** everywhere in randfeat, as in the paper (δ ~ N(0, ν I)); its square root is
-called ``sigma``. Noise is drawn on the feature's own device and dtype, with the feature's memory
-format, independently per sample and per call.
+ν is a **variance** everywhere in randfeat, as in the paper ($\delta \sim \mathcal{N}(0, \nu I)$);
+its square root is called `sigma`. Noise is drawn on the feature's own device and dtype, with the
+feature's memory format, independently per sample and per call.
 
-Seeding is a security property: by default each noise stream is seeded from OS entropy
-(:func:`secrets.randbits`), so nobody can predict it; an explicit ``seed`` makes it reproducible.
+Seeding is a security property: by default every noise stream is seeded from OS entropy
+(`secrets.randbits`), one stream per thread, re-seeded in forked children, so nobody can predict
+it or make two workers replay it; an explicit `seed` makes it reproducible
+([NoiseRNG][randfeat.noise.NoiseRNG] says what a seed means under threads and forks).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import secrets
+import threading
+import weakref
 from collections.abc import Mapping
 
 import torch
@@ -22,8 +27,10 @@ __all__ = [
     "Variance",
     "add_noise",
     "check_feature",
+    "in_graph",
     "per_layer",
     "sigma_for",
+    "standard_normal",
     "validate_nu",
 ]
 
@@ -32,9 +39,9 @@ Variance = float | Tensor
 
 
 def validate_nu(nu: object, name: str = "nu") -> Variance:
-    """Check one variance: a finite float ``>= 0`` or a finite, non-negative float tensor Σ.
+    """Check one variance: a finite float `>= 0` or a finite, non-negative float tensor Σ.
 
-    Returns the float (``0.0`` for an all-zero Σ, so that zero stays bit-for-bit the identity) or a
+    Returns the float (`0.0` for an all-zero Σ, so that zero stays bit-for-bit the identity) or a
     detached float tensor.
 
     Raises:
@@ -72,23 +79,35 @@ def validate_nu(nu: object, name: str = "nu") -> Variance:
 
 
 class NoiseRNG:
-    """One noise stream per device, seeded from OS entropy unless a seed is given.
+    """The noise streams of one wrapper: one generator per device, and per thread unless seeded.
+
+    Unseeded (the default), every thread draws from its own generators, each seeded from OS
+    entropy on first use: threads never share a `torch.Generator` (they are not meant to be used
+    by two threads at once) and never draw the same numbers. A process forked after the streams
+    were used re-seeds them all from OS entropy in the child (`os.register_at_fork`), so forked
+    workers never replay each other's noise. A pickled copy re-seeds too.
+
+    Seeded (an int or a `torch.Generator`), there is one stream per device, shared by every thread
+    (torch serialises draws on a generator) and kept by forked children and copies: that is what a
+    seed is for. Reproducible in single-threaded use; under concurrency the threads split one
+    sequence of draws in an order the scheduler decides.
 
     Args:
-        seed: ``None`` (OS entropy: unpredictable, the default), an int (reproducible), or a
-            ``torch.Generator`` (used as is on its device; other devices get a generator seeded
-            from its ``initial_seed()``).
+        seed: `None` (OS entropy: unpredictable, the default), an int (reproducible), or a
+            `torch.Generator` (used as is on its device; other devices get a generator seeded
+            from its `initial_seed()`).
     """
 
     def __init__(self, seed: int | torch.Generator | None = None) -> None:
-        self._gens: dict[torch.device, torch.Generator] = {}
+        self._shared: dict[torch.device, torch.Generator] = {}
+        self._local = threading.local()
         if isinstance(seed, torch.Generator):
             self.seeded = True
             self._base = seed.initial_seed()
-            self._gens[torch.device(seed.device)] = seed
+            self._shared[torch.device(seed.device)] = seed
         elif seed is None:
             self.seeded = False
-            self._base = secrets.randbits(63)
+            self._base = 0
         elif isinstance(seed, int) and not isinstance(seed, bool):
             self.seeded = True
             self._base = int(seed)
@@ -96,37 +115,108 @@ class NoiseRNG:
             raise TypeError(
                 f"Expected argument `seed` to be None, an int or a torch.Generator, but got {seed!r}."
             )
+        self._register()
+
+    def _register(self) -> None:
+        self.stream = secrets.randbits(62)  # how a graph names this stream (see standard_normal)
+        _STREAMS[self.stream] = self
 
     def generator(self, device: torch.device) -> torch.Generator:
-        """The generator for ``device`` (created on first use)."""
+        """The generator for `device` in this thread (created on first use)."""
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
-        g = self._gens.get(device)
+        gens = self._shared if self.seeded else self._thread_generators()
+        g = gens.get(device)
         if g is None:
             g = torch.Generator(device=device)
-            g.manual_seed(self._base)
-            self._gens[device] = g
+            g.manual_seed(self._base if self.seeded else secrets.randbits(63))
+            gens[device] = g
         return g
 
+    def _thread_generators(self) -> dict[torch.device, torch.Generator]:
+        try:
+            gens: dict[torch.device, torch.Generator] = self._local.gens
+        except AttributeError:
+            gens = self._local.gens = {}
+        return gens
+
+    def reseed(self, seed: int) -> None:
+        """Restart from `seed`: one shared, reproducible stream per device from here on."""
+        self._base = int(seed)
+        self.seeded = True
+        self._local = threading.local()
+        for g in self._shared.values():
+            g.manual_seed(self._base)
+
+    def forget(self) -> None:
+        """Drop every unseeded stream (the next draw in each thread re-seeds from OS entropy)."""
+        if not self.seeded:
+            self._local = threading.local()
+
     def __getstate__(self) -> dict[str, object]:
-        return dict(self.__dict__)
+        state = dict(self.__dict__)
+        del state["_local"]
+        return state
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
-        if not self.seeded:  # a copy of an unpredictable stream must not replay the original
-            self._base = secrets.randbits(63)
-            self._gens = {}
+        self._local = threading.local()  # a copy of an unpredictable stream must not replay it
+        self._register()
 
-    def reseed(self, seed: int) -> None:
-        """Restart every stream from ``seed`` (used for common random numbers in calibration)."""
-        self._base = int(seed)
-        self.seeded = True
-        for g in self._gens.values():
-            g.manual_seed(self._base)
+
+_STREAMS: weakref.WeakValueDictionary[int, NoiseRNG] = weakref.WeakValueDictionary()
+"""Every live stream by its `stream` number: how a graph finds it, and what a fork re-seeds."""
+
+_FALLBACK = NoiseRNG()
+"""The stream of a graph whose wrapper is gone or lives in another process (an exported program
+loaded elsewhere): unseeded, per thread, re-seeded after fork like every other."""
+
+
+def _reseed_after_fork() -> None:
+    for rng in list(_STREAMS.values()):
+        rng.forget()
+
+
+if hasattr(os, "register_at_fork"):  # not on Windows, which cannot fork
+    os.register_at_fork(after_in_child=_reseed_after_fork)
+
+
+def in_graph() -> bool:
+    """Whether torch is recording ops into a graph (`torch.jit.trace`, `torch.compile`,
+    `torch.export`) rather than running them one by one."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling()  # type: ignore[attr-defined]
+
+
+@torch.library.custom_op("randfeat::standard_normal", mutates_args=())
+def _standard_normal_op(like: Tensor, stream: int) -> Tensor:
+    """`ε ~ N(0, I)` shaped like `like`, drawn at run time from the stream numbered `stream`."""
+    rng = _STREAMS.get(stream, _FALLBACK)
+    return torch.empty_like(like).normal_(generator=rng.generator(like.device))
+
+
+@_standard_normal_op.register_fake
+def _(like: Tensor, stream: int) -> Tensor:
+    return torch.empty_like(like)
+
+
+def standard_normal(like: Tensor, rng: NoiseRNG) -> Tensor:
+    """`ε ~ N(0, I)` shaped like `like` (device, dtype, memory format) from `rng`, in this thread.
+
+    In eager code it is drawn directly. Inside a graph (`torch.compile`, `torch.export`,
+    `torch.jit.trace`) it is the op `randfeat::standard_normal`, which draws when the graph *runs*,
+    from the same per-thread stream: a graph never carries a generator (whose state would be saved
+    with the program and replayed at every load) and never relies on torch's default generator
+    (whose seed is shared by forked children, and fixed on CUDA). A graph run where its wrapper does
+    not live (a program exported, saved and loaded in another process) draws from a fresh unseeded
+    stream: the seed of an exported wrapper does not travel with the program.
+    """
+    if in_graph():
+        return torch.ops.randfeat.standard_normal(like.detach(), rng.stream)
+    return torch.empty_like(like).normal_(generator=rng.generator(like.device))
 
 
 def sigma_for(nu: Variance, feature: Tensor, where: str) -> float | Tensor:
-    """The standard deviation ``sqrt(ν)`` (or ``sqrt(Σ)`` on ``feature``'s device and dtype).
+    """The standard deviation `sqrt(ν)` (or `sqrt(Σ)` on `feature`'s device and dtype).
 
     Raises:
         ValueError: Σ does not broadcast to the feature shape without the batch dimension.
@@ -147,9 +237,9 @@ def sigma_for(nu: Variance, feature: Tensor, where: str) -> float | Tensor:
 
 
 def check_feature(feature: object, where: str) -> Tensor:
-    """Raise a clear TypeError unless ``feature`` is a floating tensor.
+    """Raise a clear TypeError unless `feature` is a floating tensor.
 
-    ``None`` is what a pre-hook sees on a module called with keyword arguments only.
+    `None` is what a pre-hook sees on a module called with keyword arguments only.
     """
     if feature is None:
         raise TypeError(
@@ -167,14 +257,14 @@ def check_feature(feature: object, where: str) -> Tensor:
 
 
 def add_noise(feature: Tensor, sigma: float | Tensor, gen: torch.Generator) -> Tensor:
-    """Return ``feature + sigma * ε`` with ``ε ~ N(0, I)`` drawn like ``feature`` (device, dtype,
+    """Return `feature + sigma * ε` with `ε ~ N(0, I)` drawn like `feature` (device, dtype,
     memory format), independently per sample."""
     delta = torch.empty_like(feature).normal_(generator=gen)
     return feature + delta * sigma
 
 
 def per_layer(nu: object, keys: list[str], specs: list[str]) -> dict[str, Variance]:
-    """Expand ``nu`` (one variance, or a mapping keyed by spec or canonical key) to every layer."""
+    """Expand `nu` (one variance, or a mapping keyed by spec or canonical key) to every layer."""
     if isinstance(nu, Mapping):
         out: dict[str, Variance] = {}
         known = set(keys) | set(specs)

@@ -1,21 +1,32 @@
-"""The randomized feature defense (Algorithm 1): Gaussian noise on chosen hidden features.
+r"""The randomized feature defense (Algorithm 1): Gaussian noise on chosen hidden features.
 
-.. math::
+$$
+z_i \leftarrow h_i(z_{i-1}) + \delta, \qquad \delta \sim \mathcal{N}(0, \nu I)
+\ \text{or}\ \mathcal{N}(0, \Sigma),\ \Sigma \text{ diagonal}
+$$
 
-    z_i \\leftarrow h_i(z_{i-1}) + \\delta, \\qquad \\delta \\sim \\mathcal{N}(0, \\nu I)
-    \\;\\text{or}\\; \\mathcal{N}(0, \\Sigma),\\ \\Sigma \\text{ diagonal}
+[RandomizedFeatureWrapper][randfeat.wrapper.RandomizedFeatureWrapper] attaches stateless hooks to
+the chosen modules of an existing model. The hooks add noise **only inside the wrapper's own
+forward, in the thread or asyncio task that runs it**: calling the original model directly, from any
+thread, still gives clean outputs. The wrapper copies no parameters, its `state_dict` has exactly the
+model's keys, it is in the model's training mode, and
+[unwrap][randfeat.wrapper.RandomizedFeatureWrapper.unwrap] removes every hook and returns the model
+as it was. The hooks hold the wrapper weakly: a wrapper dropped without `unwrap()` takes its hooks
+with it.
 
-:class:`RandomizedFeatureWrapper` attaches stateless hooks to the chosen modules of an existing model.
-The hooks add noise **only while the wrapper's own forward runs**: calling the original model directly
-still gives clean outputs. The wrapper copies no parameters, its ``state_dict`` has exactly the model's
-keys, and :meth:`RandomizedFeatureWrapper.unwrap` removes every hook and returns the model as it was.
+Per-call state (is noise on, which layers were reached) lives in context variables, one value per
+thread and per asyncio task; `docs/deploy.md` explains how this survives threads, forked workers,
+`nn.DataParallel`, `torch.compile`, `torch.export` and ONNX.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import weakref
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -23,10 +34,10 @@ from torch import Tensor, nn
 
 from randfeat.hooks import Hooks
 from randfeat.layers import HookPoint, resolve_layers
-from randfeat.noise import NoiseRNG, Variance, add_noise, check_feature, per_layer, sigma_for
+from randfeat.noise import NoiseRNG, Variance, check_feature, per_layer, sigma_for, standard_normal
 from randfeat.outputs import logits_of
 
-__all__ = ["RandomizedFeatureWrapper", "wrap"]
+__all__ = ["NuSpec", "RandomizedFeatureWrapper", "wrap"]
 
 NuSpec = float | Tensor | Mapping[str, "float | Tensor"]
 """A variance for every layer, a diagonal Σ, or a mapping from layer spec to variance."""
@@ -34,41 +45,96 @@ NuSpec = float | Tensor | Mapping[str, "float | Tensor"]
 _PREFIX = "model."
 
 
+@dataclass
+class _Run:
+    """One forward of one wrapper in one context (thread or task): what its hooks need to know."""
+
+    noise_on: bool
+    explicit: Mapping[str, Tensor] | None = None  # given standard-normal draws (forward_with_noise)
+    fired: set[str] = field(default_factory=set)
+    shapes: dict[str, torch.Size] = field(default_factory=dict)
+
+
 class _NoiseHook:
-    """A picklable feature hook that adds noise at one point, only inside its wrapper's forward."""
+    """The feature hook at one point: noise only inside its wrapper's forward, in that context.
+
+    It holds the wrapper weakly (the model owns the hook, the wrapper owns the model: a strong
+    reference would keep a dropped wrapper alive through the model). Pickled with a strong
+    reference so that a pickled model or wrapper comes back whole.
+    """
 
     def __init__(self, wrapper: RandomizedFeatureWrapper, key: str) -> None:
-        self.wrapper = wrapper
+        self.ref: Callable[[], RandomizedFeatureWrapper | None] = weakref.ref(wrapper)
         self.key = key
 
     def __call__(self, feature: object) -> Tensor | None:
-        w = self.wrapper
-        if w._depth == 0:
+        w = self.ref()
+        run = w._current_run() if w is not None else None
+        if w is None or run is None:
             return None
-        w._fired.add(self.key)
-        feature = check_feature(feature, self.key)
-        if not w._noise_on:
-            return feature
-        return w._perturb(self.key, feature)
+        run.fired.add(self.key)
+        return w._perturb(self.key, check_feature(feature, self.key), run)
+
+    def __getstate__(self) -> dict[str, object]:
+        return {"wrapper": self.ref(), "key": self.key}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        wrapper = state["wrapper"]
+        self.ref = weakref.ref(wrapper) if wrapper is not None else _dead
+        self.key = state["key"]
+
+
+def _dead() -> None:
+    return None
+
+
+class _InContext:
+    """A DataParallel replica run inside a copy of the caller's context (see `_data_parallel`)."""
+
+    def __init__(self, replica: nn.Module) -> None:
+        self.replica = replica
+        self.context = contextvars.copy_context()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.context.run(self.replica, *args, **kwargs)
+
+
+def _data_parallel(dp: nn.DataParallel[nn.Module], args: tuple[Any, ...], kwargs: Any) -> Any:
+    """`DataParallel.forward` on two or more devices, each replica in a copy of this context.
+
+    torch's `parallel_apply` runs each replica in a new `threading.Thread`, which (before Python
+    3.14) starts with an empty context: the hooks there would find no run of this wrapper and add
+    no noise. Each replica gets its own copy (a context cannot be entered by two threads at once);
+    the copies share this forward's run, so the reached-layer check sees every replica.
+    """
+    inputs, module_kwargs = dp.scatter(args, kwargs, dp.device_ids)
+    if not inputs and not module_kwargs:
+        inputs, module_kwargs = ((),), ({},)
+    replicas = dp.replicate(dp.module, dp.device_ids[: len(inputs)])
+    shims: Any = [_InContext(r) for r in replicas]
+    outputs = dp.parallel_apply(shims, inputs, module_kwargs)
+    return dp.gather(outputs, dp.output_device)
 
 
 class RandomizedFeatureWrapper(nn.Module):
     """A model with Gaussian noise added to chosen hidden features at every forward (Algorithm 1).
 
     Args:
-        model: any ``nn.Module`` (timm CNNs and ViTs, ``nn.Sequential``, ...). Not copied.
-        layers: layer specs (see :mod:`randfeat.layers`): module names (their output), ``"<name>.pre"``
-            (their input), ``"penultimate"`` (the classifier's input) or ``"input"`` (the RND baseline).
-            Each layer draws its own independent noise.
-        nu: the variance ν of ``δ ~ N(0, ν I)``: a float, a tensor Σ of per-feature variances that
-            broadcasts to the feature shape without the batch dimension, or a mapping from layer spec
-            to either. ``0`` is the identity, bit for bit.
-        seed: ``None`` seeds the noise from OS entropy (unpredictable: the secure default); an int or
-            a ``torch.Generator`` makes the noise reproducible.
+        model: any `nn.Module` (timm CNNs and ViTs, Hugging Face image classifiers,
+            `nn.Sequential`, `nn.DataParallel`, ...). Not copied.
+        layers: layer specs (see `randfeat.layers`): module names (their output), `"<name>.pre"`
+            (their input), `"penultimate"` (the classifier's input) or `"input"` (the RND
+            baseline). Each layer draws its own independent noise.
+        nu: the variance ν of $\\delta \\sim \\mathcal{N}(0, \\nu I)$: a float, a tensor Σ of
+            per-feature variances that broadcasts to the feature shape without the batch
+            dimension, or a mapping from layer spec to either. `0` is the identity, bit for bit.
+        seed: `None` seeds the noise from OS entropy, per thread and again in every forked child
+            (unpredictable: the secure default); an int or a `torch.Generator` makes the noise
+            reproducible (see `randfeat.noise.NoiseRNG` for what a seed means under threads).
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module``, or is already a wrapper.
-        ValueError: unknown or duplicate layer specs (with the closest valid names), bad ``nu``.
+        TypeError: `model` is not an `nn.Module`, or is already a wrapper.
+        ValueError: unknown or duplicate layer specs (with the closest valid names), bad `nu`.
     """
 
     def __init__(
@@ -94,13 +160,11 @@ class RandomizedFeatureWrapper(nn.Module):
         self._points: list[HookPoint] = points
         self._has_input = any(p.key == "input" for p in points)
         self._rng = NoiseRNG(seed)
-        self._depth = 0
-        self._noise_on = True
-        self._fired: set[str] = set()
         self._sigma_cache: dict[tuple[Any, ...], float | Tensor] = {}
         self._nu_given: NuSpec = 0.0
         self._nu: dict[str, Variance] = {}
         self.nu = nu
+        self._new_context_state()
         self._hooks = Hooks()
         try:
             for p in points:
@@ -111,11 +175,43 @@ class RandomizedFeatureWrapper(nn.Module):
             raise
         self._hooks.add(self.register_state_dict_post_hook(_strip_prefix))
         self._hooks.add(self.register_load_state_dict_pre_hook(_add_prefix))
+        self._arm_finalizer()
 
-    # ------------------------------------------------------------------ configuration
+    def _new_context_state(self) -> None:
+        # One value per thread / asyncio task; shared by DataParallel replicas of this wrapper.
+        self._run_var: contextvars.ContextVar[_Run | None] = contextvars.ContextVar(
+            "randfeat_run", default=None
+        )
+        self._quiet_var = contextvars.ContextVar("randfeat_noise_disabled", default=False)
+        self._tracing: _Run | None = None  # the run while torch.compile traces forward
+
+    def _arm_finalizer(self) -> None:
+        # Dropping the wrapper without unwrap() removes its hooks (the hooks hold it weakly).
+        finalizer = weakref.finalize(self, Hooks.remove, self._hooks)
+        finalizer.atexit = False
+
+    # ------------------------------------------------------------------ mode and configuration
+    @property
+    def training(self) -> bool:
+        """The model's own training mode: the wrapper has none of its own.
+
+        Tools that save `wrapper.training` and restore it afterwards (torchattacks does) therefore
+        leave the model in the mode it was in.
+        """
+        model = self.__dict__.get("_modules", {}).get("model")
+        return bool(model.training) if model is not None else self.__dict__["_own_training"]
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        model = self.__dict__.get("_modules", {}).get("model")
+        if model is not None:
+            model.training = mode
+        else:  # nn.Module.__init__ sets it before the model is attached
+            self.__dict__["_own_training"] = mode
+
     @property
     def layers(self) -> list[str]:
-        """The canonical names of the perturbed points (``"head.pre"``, ``"input"``, ...)."""
+        """The canonical names of the perturbed points (`"head.pre"`, `"input"`, ...)."""
         return [p.key for p in self._points]
 
     @property
@@ -137,7 +233,7 @@ class RandomizedFeatureWrapper(nn.Module):
         return self._rng.seeded
 
     def manual_seed(self, seed: int) -> RandomizedFeatureWrapper:
-        """Restart the noise stream from ``seed`` (reproducible from here on)."""
+        """Restart the noise stream from `seed` (reproducible from here on)."""
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"Expected argument `seed` to be an int, but got {seed!r}.")
         self._rng.reseed(seed)
@@ -145,48 +241,127 @@ class RandomizedFeatureWrapper(nn.Module):
 
     @contextlib.contextmanager
     def noise_disabled(self) -> Iterator[RandomizedFeatureWrapper]:
-        """Context manager: clean outputs through the wrapper, noise restored on exit."""
-        before = self._noise_on
-        self._noise_on = False
+        """Context manager: clean outputs through the wrapper, in this thread or task only."""
+        token = self._quiet_var.set(True)
         try:
             yield self
         finally:
-            self._noise_on = before
+            self._quiet_var.reset(token)
 
     # ------------------------------------------------------------------ forward
-    def _perturb(self, key: str, feature: Tensor) -> Tensor:
-        nu = self._nu[key]
-        if not isinstance(nu, Tensor) and nu == 0.0:
-            return feature
-        ck = (key, feature.device, feature.dtype, feature.shape[1:])
-        sigma = self._sigma_cache.get(ck)
-        if sigma is None:  # first use on this device / dtype / shape: validate and move once
-            sigma = sigma_for(nu, feature, key)
-            self._sigma_cache[ck] = sigma
-        return add_noise(feature, sigma, self._rng.generator(feature.device))
+    def _current_run(self) -> _Run | None:
+        if torch.compiler.is_dynamo_compiling():
+            return self._tracing
+        return self._run_var.get()
 
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
-        """The noisy forward: ``model(x)`` with noise at every wrapped point."""
+    def _perturb(self, key: str, feature: Tensor, run: _Run) -> Tensor:
+        run.shapes[key] = feature.shape
+        if not run.noise_on:
+            return feature
+        nu = self._nu[key]
+        if run.explicit is None and not isinstance(nu, Tensor) and nu == 0.0:
+            return feature
+        sigma: float | Tensor | None
+        if torch.compiler.is_dynamo_compiling():
+            sigma = sigma_for(nu, feature, key)
+        else:
+            ck = (key, feature.device, feature.dtype, feature.shape[1:])
+            sigma = self._sigma_cache.get(ck)
+            if sigma is None:  # first use on this device / dtype / shape: validate and move once
+                sigma = sigma_for(nu, feature, key)
+                self._sigma_cache[ck] = sigma
+        if run.explicit is not None:
+            eps = run.explicit[key]
+            if eps.shape != feature.shape:
+                raise ValueError(
+                    f"Expected the noise for {key!r} to have the feature's shape "
+                    f"{list(feature.shape)}, but got {list(eps.shape)}."
+                )
+            return feature + eps.to(feature.dtype) * sigma
+        return feature + standard_normal(feature, self._rng) * sigma
+
+    def _call_model(self, run: _Run, x: Tensor, args: tuple[Any, ...], kwargs: Any) -> Any:
+        if self._has_input:
+            run.fired.add("input")
+            x = self._perturb("input", check_feature(x, "input"), run)
+        m = self.model
+        if isinstance(m, nn.DataParallel) and len(m.device_ids) > 1:
+            return _data_parallel(m, (x, *args), kwargs)
+        return m(x, *args, **kwargs)
+
+    def _run(self, make: Callable[[], _Run], x: Tensor, args: tuple[Any, ...], kw: Any) -> Any:
         if not self._hooks:
             raise RuntimeError("This wrapper was unwrapped; wrap the model again to use it.")
-        self._fired = set()
-        self._depth += 1
-        try:
-            if self._has_input:
-                self._fired.add("input")
-                x = check_feature(x, "input")
-                if self._noise_on:
-                    x = self._perturb("input", x)
-            out = self.model(x, *args, **kwargs)
-        finally:
-            self._depth -= 1
-        if self._depth == 0 and len(self._fired) != len(self._points):
-            missing = [k for k in self.layers if k not in self._fired]
+        if torch.compiler.is_dynamo_compiling():  # context variables cannot be set in a graph
+            run = make()
+            self._tracing = run
+            try:
+                out = self._call_model(run, x, args, kw)
+            finally:
+                self._tracing = None
+        else:
+            outer = self._run_var.get()
+            if outer is not None:  # re-entrant call: the outermost one checks the layers
+                return self._call_model(outer, x, args, kw)
+            run = make()
+            token = self._run_var.set(run)
+            try:
+                out = self._call_model(run, x, args, kw)
+            finally:
+                self._run_var.reset(token)
+        if len(run.fired) != len(self._points):
+            missing = [k for k in self.layers if k not in run.fired]
             raise RuntimeError(
                 f"Layer(s) {missing} were never reached in the model's forward, so no noise was "
                 "added there. Choose layers that the forward pass actually calls."
             )
         return out
+
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
+        """The noisy forward: `model(x)` with fresh noise at every wrapped point.
+
+        Returns what the model returns (a logits tensor, or e.g. a `transformers` output object
+        whose logits are computed from the noisy features).
+        """
+        return self._run(lambda: _Run(noise_on=not self._quiet_var.get()), x, args, kwargs)
+
+    def forward_with_noise(
+        self, x: Tensor, noise: Mapping[str, Tensor], *args: Any, **kwargs: Any
+    ) -> Any:
+        """The forward with given standard-normal draws instead of fresh ones (deterministic).
+
+        At each point, `feature + sqrt(ν) * noise[key]` (or `sqrt(Σ)`): exactly what
+        [forward][randfeat.wrapper.RandomizedFeatureWrapper.forward] computes when it draws
+        `noise[key]` itself. This is how `randfeat.export.to_onnx` exports the noise as graph
+        inputs, and how a deployment can be checked against the eager wrapper.
+
+        Args:
+            x: the input batch.
+            noise: layer key (see [layers][randfeat.wrapper.RandomizedFeatureWrapper.layers]) ->
+                $\\varepsilon \\sim \\mathcal{N}(0, I)$ with the feature's shape (see
+                [feature_shapes][randfeat.wrapper.RandomizedFeatureWrapper.feature_shapes]).
+
+        Raises:
+            ValueError: `noise` does not have exactly one tensor per layer, or a shape differs.
+        """
+        if not isinstance(noise, Mapping) or set(noise) != set(self.layers):
+            got = sorted(noise) if isinstance(noise, Mapping) else type(noise).__name__
+            raise ValueError(
+                f"Expected argument `noise` to map every wrapped layer {self.layers} to a "
+                f"standard-normal tensor, but got {got}."
+            )
+        bad = [k for k, v in noise.items() if not isinstance(v, Tensor)]
+        if bad:
+            raise ValueError(f"Expected the noise for {bad} to be tensors.")
+        given = dict(noise)
+        return self._run(lambda: _Run(noise_on=True, explicit=given), x, args, kwargs)
+
+    @torch.no_grad()
+    def feature_shapes(self, x: Tensor, *args: Any, **kwargs: Any) -> dict[str, torch.Size]:
+        """The shape of the feature at every wrapped point for input `x` (one clean forward)."""
+        run = _Run(noise_on=False)
+        self._run(lambda: run, x, args, kwargs)
+        return {k: run.shapes[k] for k in self.layers}
 
     @torch.no_grad()
     def predict(
@@ -197,14 +372,14 @@ class RandomizedFeatureWrapper(nn.Module):
         reduce: Literal["vote", "mean"] = "vote",
         batch_size: int | None = None,
     ) -> Tensor:
-        """The randomized model's prediction (Definition 1, appendix D.4): ``[N]`` int64 labels.
+        """The randomized model's prediction (Definition 1, appendix D.4): `[N]` int64 labels.
 
-        ``reduce="vote"`` returns the label most of ``votes`` independent noisy forwards give, ties
-        broken toward the class with the higher mean logit; ``reduce="mean"`` returns the argmax of
+        `reduce="vote"` returns the label most of `votes` independent noisy forwards give, ties
+        broken toward the class with the higher mean logit; `reduce="mean"` returns the argmax of
         the mean logits. No Python loop over samples.
 
         Raises:
-            ValueError: ``votes < 1``, an unknown ``reduce``, or outputs that are not ``[N, K]``.
+            ValueError: `votes < 1`, an unknown `reduce`, or outputs that are not `[N, K]`.
         """
         if isinstance(votes, bool) or not isinstance(votes, int) or votes < 1:
             raise ValueError(f"Expected argument `votes` to be an int >= 1, but got {votes!r}.")
@@ -228,7 +403,7 @@ class RandomizedFeatureWrapper(nn.Module):
         top = counts == counts.amax(dim=1, keepdim=True)
         return mean.masked_fill(~top, float("-inf")).argmax(dim=1)
 
-    # ------------------------------------------------------------------ detaching
+    # ------------------------------------------------------------------ detaching, copies
     def unwrap(self) -> nn.Module:
         """Remove every hook and return the model, which then behaves exactly as before."""
         self._hooks.remove()
@@ -244,11 +419,26 @@ class RandomizedFeatureWrapper(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state["_sigma_cache"] = {}
+        for k in ("_run_var", "_quiet_var", "_tracing"):
+            state.pop(k, None)
         return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._new_context_state()
+        self._arm_finalizer()
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        raise TypeError(
+            "torch.jit.script cannot compile a RandomizedFeatureWrapper: its noise is added by "
+            "Python hooks that TorchScript cannot script. Use torch.export.export(defended, (x,), "
+            "dynamic_shapes=...) instead (or torch.jit.trace, torch.compile, or "
+            "randfeat.export.to_onnx); see docs/deploy.md."
+        )
 
 
 def _strip_prefix(module: nn.Module, state: dict[str, Any], prefix: str, meta: Any) -> None:
-    """state_dict post-hook: ``<prefix>model.<k>`` -> ``<prefix><k>`` (the model's own keys)."""
+    """state_dict post-hook: `<prefix>model.<k>` -> `<prefix><k>` (the model's own keys)."""
     full = prefix + _PREFIX
     keys = [k for k in state if k.startswith(full)]
     moved = OrderedDict((prefix + k[len(full) :], state.pop(k)) for k in keys)
@@ -272,9 +462,11 @@ def wrap(
     *,
     seed: int | torch.Generator | None = None,
 ) -> RandomizedFeatureWrapper:
-    """Wrap ``model`` with the randomized feature defense; see :class:`RandomizedFeatureWrapper`.
+    """Wrap `model` with the randomized feature defense.
 
-    Example:
+    See [RandomizedFeatureWrapper][randfeat.wrapper.RandomizedFeatureWrapper] for the arguments.
+
+    Examples:
         >>> import timm, randfeat
         >>> model = timm.create_model("resnet18", pretrained=False).eval()
         >>> defended = randfeat.wrap(model, layers=["penultimate"], nu=0.05)
