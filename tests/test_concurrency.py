@@ -11,7 +11,6 @@ import asyncio
 import math
 import multiprocessing
 import os
-import pickle
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +19,7 @@ import pytest
 import torch
 from torch import nn
 
+from _deploy_models import draw_in_forked_children
 from randfeat import wrap
 
 SECONDS = 1.5  # how long the threads hammer the wrapper
@@ -234,35 +234,6 @@ def test_data_parallel_of_a_wrapper_on_the_cpu() -> None:
 
 
 # ---------------------------------------------------------------------------- fork
-def draw_in_forked_children(
-    fn: Callable[[], torch.Tensor], children: int = 2
-) -> list[torch.Tensor]:
-    """Fork `children` processes; each sends back `fn()` through a pipe."""
-    results = []
-    pids = []
-    for _ in range(children):
-        r, wfd = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child
-            code = 0
-            try:
-                os.close(r)
-                with os.fdopen(wfd, "wb") as f:
-                    f.write(pickle.dumps(fn()))
-            except BaseException:
-                code = 1
-            finally:
-                os._exit(code)
-        os.close(wfd)
-        with os.fdopen(r, "rb") as f:
-            results.append(pickle.loads(f.read()))
-        pids.append(pid)
-    for pid in pids:
-        _, status = os.waitpid(pid, 0)
-        assert os.waitstatus_to_exitcode(status) == 0
-    return results
-
-
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_forked_children_draw_different_independent_noise() -> None:
     """An unseeded wrapper used in the parent, then forked: the children must not replay each

@@ -1,163 +1,143 @@
-"""Exported and compiled defended models: torch.export, torch.jit.trace, torch.compile, ONNX.
+"""randfeat.export: ONNX graphs whose noise is an input, run by OnnxDefended with fresh noise.
 
-Each graph must draw fresh noise at every call, with the calibrated variance, from a stream that no
-saved file carries. The variance check uses the linear classifier W of every model here: with the
-noise δ ~ N(0, ν I) at its input, the logits change by Wδ, and E‖Wδ‖² = ν‖W‖²_F.
+Exported once per model (the digits CNN, timm resnet18 and vit_tiny) at batch 8 with a dynamic
+batch, then run at batches 1 and 17.
 """
 
 from __future__ import annotations
 
-import io
-import math
+import json
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
-import timm
 import torch
 from torch import Tensor, nn
 
+from _deploy_models import MODELS, NU, check_variance, digits_cnn, draw_in_forked_children, features
 from randfeat import RandomizedFeatureWrapper, wrap
-from randfeat.layers import find_classifier
 
-NU = 0.05
-
-
-def digits_cnn() -> tuple[nn.Module, Callable[[int], Tensor]]:
-    from randfeat.eval.models import DigitsCNN
-
-    torch.manual_seed(0)
-    return DigitsCNN().eval(), lambda n: torch.rand(n, 1, 8, 8)
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+np = pytest.importorskip("numpy")
+export = pytest.importorskip("randfeat.export")
+METADATA_KEY, NoiseInput = export.METADATA_KEY, export.NoiseInput
+OnnxDefended, to_onnx = export.OnnxDefended, export.to_onnx
 
 
-def resnet18() -> tuple[nn.Module, Callable[[int], Tensor]]:
-    torch.manual_seed(0)
-    model = timm.create_model("resnet18", pretrained=False, num_classes=7).eval()
-    return model, lambda n: torch.rand(n, 3, 32, 32)
-
-
-def vit_tiny() -> tuple[nn.Module, Callable[[int], Tensor]]:
-    torch.manual_seed(0)
-    model = timm.create_model(
-        "vit_tiny_patch16_224", pretrained=False, num_classes=7, img_size=32
-    ).eval()
-    return model, lambda n: torch.rand(n, 3, 32, 32)
-
-
-MODELS = {"digits_cnn": digits_cnn, "resnet18": resnet18, "vit_tiny": vit_tiny}
-
-
-def check_variance(model: nn.Module, noisy: Tensor, clean: Tensor) -> None:
-    """E‖Δ‖² = ν‖W‖²_F for Δ = Wδ; Var(‖Wδ‖²) = 2ν²‖W Wᵀ‖²_F per row, so the mean of n rows has
-    SE = ν·sqrt(2‖W Wᵀ‖²_F / n); we accept 5 SE (false alarm < 1e-6 by the CLT)."""
-    w = find_classifier(model)[1].weight.detach().double()
-    sq = (noisy.double() - clean.double()).pow(2).sum(dim=1)
-    n = sq.numel()
-    expected = NU * w.pow(2).sum().item()
-    se = NU * math.sqrt(2 * (w @ w.T).pow(2).sum().item() / n)
-    assert abs(sq.mean().item() - expected) < 5 * se, (sq.mean().item(), expected, se)
-
-
-# ---------------------------------------------------------------------------- torch.export
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_torch_export_with_a_dynamic_batch_draws_fresh_calibrated_noise(name: str) -> None:
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def exported(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[str, nn.Module, RandomizedFeatureWrapper, Callable[[int], Tensor], str]:
+    """Each model exported once at batch 8 with a dynamic batch: (name, model, wrapper, inputs, path)."""
+    name = request.param
     model, inputs = MODELS[name]()
     w = wrap(model, nu=NU)
-    batch = torch.export.Dim("batch", min=1, max=64)
-    program = torch.export.export(w, (inputs(8),), dynamic_shapes=({0: batch},))
-    run = program.module()
-    with torch.no_grad():
-        for n in (1, 17):
-            x = inputs(n)
-            a, b = run(x), run(x)
-            clean = model(x)
-            assert a.shape == clean.shape == (n, 7 if name != "digits_cnn" else 10)
-            assert not torch.allclose(a, b)  # fresh noise per call
-            assert torch.equal(model(x), clean)  # the bare model stays clean
-        x = inputs(17)
-        clean = model(x)
-        check_variance(model, torch.cat([run(x) for _ in range(12)]), clean.repeat(12, 1))
+    path = str(tmp_path_factory.mktemp("onnx") / f"{name}.onnx")
+    noise = to_onnx(w, inputs(8), path)
+    assert noise == (NoiseInput("noise_0", w.layers[0], ("batch", features(model))),)
+    return name, model, w, inputs, path
 
 
-def test_a_saved_exported_program_does_not_replay_its_noise_at_each_load() -> None:
-    """A generator traced into the program would be saved with it: two loads replayed the same
-    noise. The program names its stream instead, and draws from OS entropy where it runs."""
-    model, inputs = digits_cnn()
-    w = wrap(model, nu=NU)
-    x = inputs(4)
-    buf = io.BytesIO()
-    torch.export.save(torch.export.export(w, (x,)), buf)
-    outs = []
-    for _ in range(2):
-        buf.seek(0)
+def test_onnx_graph_takes_its_noise_as_documented_inputs_and_has_no_random_op(
+    exported: tuple[str, nn.Module, RandomizedFeatureWrapper, Callable[[int], Tensor], str],
+) -> None:
+    _, model, w, _, path = exported
+    proto = onnx.load(path)
+    assert not [n.op_type for n in proto.graph.node if "Random" in n.op_type]
+    meta = {p.key: p.value for p in proto.metadata_props}
+    entry = json.loads(meta[METADATA_KEY])["inputs"][0]
+    assert entry["name"] == "noise_0" and entry["layer"] == w.layers[0]
+    assert entry["shape"] == ["batch", features(model)]
+    assert "N(0, 1)" in entry["distribution"]
+    inputs = {i.name: i for i in proto.graph.input}
+    assert set(inputs) == {"x", "noise_0"}
+    assert "N(0, 1)" in inputs["noise_0"].doc_string
+    dims = [d.dim_param or d.dim_value for d in inputs["noise_0"].type.tensor_type.shape.dim]
+    assert dims == ["batch", features(model)]
+
+
+def test_onnx_equals_the_eager_wrapper_given_the_same_noise(
+    exported: tuple[str, nn.Module, RandomizedFeatureWrapper, Callable[[int], Tensor], str],
+) -> None:
+    _, _, w, inputs, path = exported
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    for n in (1, 17):  # exported at 8
+        x = inputs(n)
+        eps = torch.randn(n, *w.feature_shapes(x)[w.layers[0]][1:])
         with torch.no_grad():
-            outs.append(torch.export.load(buf).module()(x))
-    assert not torch.allclose(outs[0], outs[1])
+            eager = w.forward_with_noise(x, {w.layers[0]: eps})
+        (got,) = session.run(["logits"], {"x": x.numpy(), "noise_0": eps.numpy()})
+        assert np.abs(got - eager.numpy()).max() <= 1e-5
 
 
-# ---------------------------------------------------------------------------- torch.jit.trace
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_jit_trace_draws_fresh_calibrated_noise_and_saved_traces_do_not_replay(name: str) -> None:
-    model, inputs = MODELS[name]()
-    w = wrap(model, nu=NU)
-    x = inputs(16)
-    with torch.no_grad(), pytest.warns(FutureWarning):  # torch.jit.trace is deprecated
-        traced = torch.jit.trace(w, (x,), check_trace=False)
+def test_onnx_defended_draws_fresh_calibrated_noise_per_call_and_per_object(
+    exported: tuple[str, nn.Module, RandomizedFeatureWrapper, Callable[[int], Tensor], str],
+) -> None:
+    _, model, _, inputs, path = exported
+    first, second = OnnxDefended(path), OnnxDefended(path)
+    x = inputs(17)
+    with torch.no_grad():
         clean = model(x)
-        a, b = traced(x), traced(x)
-        assert not torch.allclose(a, b)
-        check_variance(model, torch.cat([traced(x) for _ in range(12)]), clean.repeat(12, 1))
-        buf = io.BytesIO()
-        torch.jit.save(traced, buf)
-        loads = []
-        for _ in range(2):
-            buf.seek(0)
-            loads.append(torch.jit.load(buf)(x))
-        assert not torch.allclose(loads[0], loads[1])
+    a = first(x)
+    assert isinstance(a, Tensor) and a.shape == clean.shape
+    assert not torch.allclose(a, first(x))  # fresh per call
+    assert not torch.allclose(a, second(x))  # two objects in one process never replay each other
+    one = first(x[:1].numpy())
+    assert isinstance(one, np.ndarray) and one.shape == (1, clean.shape[1])
+    check_variance(model, torch.cat([first(x) for _ in range(12)]), clean.repeat(12, 1))
 
 
-# ---------------------------------------------------------------------------- torch.compile
-@pytest.mark.parametrize("name", sorted(MODELS))
-def test_compile_fullgraph_has_no_graph_break_and_matches_eager_for_a_seed(name: str) -> None:
-    model, inputs = MODELS[name]()
-    w = wrap(model, nu=NU, seed=0)
+def test_onnx_defended_refuses_a_file_without_noise_metadata(tmp_path: Path) -> None:
+    model, inputs = digits_cnn()
+    path = str(tmp_path / "plain.onnx")
+    torch.onnx.export(model, (inputs(2),), path, dynamo=True, verbose=False)
+    with pytest.raises(ValueError, match="to_onnx"):
+        OnnxDefended(path)
+    with pytest.raises(TypeError, match="RandomizedFeatureWrapper"):
+        to_onnx(model, inputs(2), path)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="N >= 2"):
+        to_onnx(wrap(model, nu=NU), inputs(1), path)
+
+
+def test_onnxruntime_replays_random_ops_across_sessions() -> None:
+    """Why the noise is an input: a graph that draws `RandomNormalLike` without a seed (what a plain
+    `torch.onnx.export` of a noisy graph emits) gives the same "noise" in two sessions."""
+    helper = onnx.helper
+    node = helper.make_node("RandomNormalLike", ["x"], ["noise"], dtype=onnx.TensorProto.FLOAT)
+    graph = helper.make_graph(
+        [node],
+        "noise",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 16])],
+        [helper.make_tensor_value_info("noise", onnx.TensorProto.FLOAT, [4, 16])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    blob = model.SerializeToString()
+    x = np.zeros((4, 16), dtype=np.float32)
+    draws = [
+        ort.InferenceSession(blob, providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        for _ in range(2)
+    ]
+    assert np.array_equal(draws[0], draws[1])
+
+
+def test_plain_legacy_onnx_export_of_a_wrapper_stops_at_the_noise_op(tmp_path: Path) -> None:
+    """The noise op has no ONNX translation on purpose (the only one would be a replaying random
+    op): the exporter stops and names it; docs/deploy.md points to to_onnx."""
+    model, inputs = digits_cnn()
+    with pytest.raises(Exception, match="randfeat::standard_normal"):
+        torch.onnx.export(wrap(model, nu=NU), (inputs(2),), str(tmp_path / "p.onnx"), dynamo=False)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_onnx_defended_draws_differently_in_forked_children(tmp_path: Path) -> None:
+    """OnnxDefended's stream follows the wrapper's fork policy: re-seeded in every child."""
+    model, inputs = digits_cnn()
+    path = str(tmp_path / "digits.onnx")
+    to_onnx(wrap(model, nu=NU), inputs(2), path)
+    runner = OnnxDefended(path, providers=["CPUExecutionProvider"])
     x = inputs(4)
-    torch._dynamo.reset()
-    compiled = torch.compile(w, fullgraph=True, backend="aot_eager")  # a graph break raises
-    with torch.no_grad():
-        w.manual_seed(0)
-        eager = [w(x), w(x)]
-        w.manual_seed(0)
-        comp = [compiled(x), compiled(x)]
-        assert not torch.allclose(comp[0], comp[1])
-        assert all(torch.allclose(e, c, atol=1e-5) for e, c in zip(eager, comp, strict=True))
-        clean = model(x)
-        with w.noise_disabled():
-            assert torch.allclose(compiled(x), clean, atol=1e-5)
-
-
-def test_explain_counts_no_graph_break() -> None:
-    model, inputs = digits_cnn()
-    w = wrap(model, ["conv1", "penultimate"], nu=NU)
-    torch._dynamo.reset()
-    explained = torch._dynamo.explain(w)(inputs(2))
-    assert explained.graph_break_count == 0, explained.break_reasons
-    assert explained.graph_count == 1
-
-
-@pytest.mark.slow
-def test_compile_with_inductor_draws_from_the_wrappers_stream() -> None:
-    """The default backend: inductor generates code around the op; the seed still rules."""
-    model, inputs = digits_cnn()
-    w = wrap(model, nu=NU, seed=1)
-    x = inputs(3)
-    torch._dynamo.reset()
-    compiled = torch.compile(w, fullgraph=True)
-    with torch.no_grad():
-        first = compiled(x)
-        assert not torch.allclose(compiled(x), first)
-        w.manual_seed(1)
-        assert torch.allclose(w(x), first, atol=1e-5)
-
-
-def test_the_wrapper_is_an_nn_module_for_every_exporter() -> None:
-    assert issubclass(RandomizedFeatureWrapper, nn.Module)
+    runner(x)  # the parent has drawn
+    a, b = draw_in_forked_children(lambda: runner(x))
+    assert not torch.allclose(a, b)

@@ -117,7 +117,7 @@ def _data_parallel(dp: nn.DataParallel[nn.Module], args: tuple[Any, ...], kwargs
 
 
 class RandomizedFeatureWrapper(nn.Module):
-    """A model with Gaussian noise added to chosen hidden features at every forward (Algorithm 1).
+    r"""A model with Gaussian noise added to chosen hidden features at every forward (Algorithm 1).
 
     Args:
         model: any `nn.Module` (timm CNNs and ViTs, Hugging Face image classifiers,
@@ -125,7 +125,7 @@ class RandomizedFeatureWrapper(nn.Module):
         layers: layer specs (see `randfeat.layers`): module names (their output), `"<name>.pre"`
             (their input), `"penultimate"` (the classifier's input) or `"input"` (the RND
             baseline). Each layer draws its own independent noise.
-        nu: the variance ν of $\\delta \\sim \\mathcal{N}(0, \\nu I)$: a float, a tensor Σ of
+        nu: the variance ν of $\delta \sim \mathcal{N}(0, \nu I)$: a float, a tensor Σ of
             per-feature variances that broadcasts to the feature shape without the batch
             dimension, or a mapping from layer spec to either. `0` is the identity, bit for bit.
         seed: `None` seeds the noise from OS entropy, per thread and again in every forked child
@@ -328,7 +328,7 @@ class RandomizedFeatureWrapper(nn.Module):
     def forward_with_noise(
         self, x: Tensor, noise: Mapping[str, Tensor], *args: Any, **kwargs: Any
     ) -> Any:
-        """The forward with given standard-normal draws instead of fresh ones (deterministic).
+        r"""The forward with given standard-normal draws instead of fresh ones (deterministic).
 
         At each point, `feature + sqrt(ν) * noise[key]` (or `sqrt(Σ)`): exactly what
         [forward][randfeat.wrapper.RandomizedFeatureWrapper.forward] computes when it draws
@@ -338,7 +338,7 @@ class RandomizedFeatureWrapper(nn.Module):
         Args:
             x: the input batch.
             noise: layer key (see [layers][randfeat.wrapper.RandomizedFeatureWrapper.layers]) ->
-                $\\varepsilon \\sim \\mathcal{N}(0, I)$ with the feature's shape (see
+                $\varepsilon \sim \mathcal{N}(0, I)$ with the feature's shape (see
                 [feature_shapes][randfeat.wrapper.RandomizedFeatureWrapper.feature_shapes]).
 
         Raises:
