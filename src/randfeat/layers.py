@@ -2,13 +2,14 @@
 
 A spec is a string:
 
-* ``"<name>"``: a module name from ``model.named_modules()``; the noise is added to that module's
-  **output** (Algorithm 1: ``z_i <- h_i(z_{i-1}) + δ``).
-* ``"<name>.pre"``: the noise is added to that module's **input** (its first positional argument).
-  ``"head.pre"`` on a timm ViT and ``"fc.pre"`` on a ResNet are the penultimate features.
-* ``"penultimate"``: the input of the model's classifier: timm's ``get_classifier()`` where the model
-  has one, else the last :class:`torch.nn.Linear` in registration order.
-* ``"input"``: the model's input (the RND baseline of Qin et al. 2021).
+* `"<name>"`: a module name from `model.named_modules()`; the noise is added to that module's
+  **output** (Algorithm 1: `z_i <- h_i(z_{i-1}) + δ`).
+* `"<name>.pre"`: the noise is added to that module's **input** (its first positional argument).
+  `"head.pre"` on a timm ViT and `"fc.pre"` on a ResNet are the penultimate features.
+* `"penultimate"`: the input of the model's classifier: timm's `get_classifier()` where the model
+  has one, else the last `torch.nn.Linear` in registration order (the `classifier` of Hugging Face
+  image classifiers, `classifier.1` after the `Flatten` of their ResNets).
+* `"input"`: the model's input (the RND baseline of Qin et al. 2021).
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ class HookPoint:
     """A resolved layer spec.
 
     Attributes:
-        spec: the spec as the user wrote it (``"penultimate"``, ``"head.pre"``, ...).
-        name: the module's name in ``model.named_modules()`` (``""`` for the model itself).
+        spec: the spec as the user wrote it (`"penultimate"`, `"head.pre"`, ...).
+        name: the module's name in `model.named_modules()` (`""` for the model itself).
         module: the module whose input or output is perturbed.
-        where: ``"input"`` (forward-pre-hook) or ``"output"`` (forward hook).
+        where: `"input"` (forward-pre-hook) or `"output"` (forward hook).
     """
 
     spec: str
@@ -43,20 +44,20 @@ class HookPoint:
 
     @property
     def key(self) -> str:
-        """Canonical name of the perturbed tensor: ``"input"``, ``"<name>"`` or ``"<name>.pre"``."""
+        """Canonical name of the perturbed tensor: `"input"`, `"<name>"` or `"<name>.pre"`."""
         if self.name == "" and self.where == "input":
             return "input"
         return f"{self.name}.pre" if self.where == "input" else self.name
 
     def describe(self) -> str:
-        """Human-readable form used in ``repr``: ``penultimate -> head.pre``."""
+        """Human-readable form used in `repr`: `penultimate -> head.pre`."""
         return self.key if self.spec == self.key else f"{self.spec} -> {self.key}"
 
 
 def find_classifier(model: nn.Module) -> tuple[str, nn.Module]:
     """The model's classifier and its name.
 
-    Uses timm's ``get_classifier()`` contract when present, else the last ``nn.Linear`` in
+    Uses timm's `get_classifier()` contract when present, else the last `nn.Linear` in
     registration order.
 
     Raises:
