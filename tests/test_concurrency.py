@@ -134,8 +134,8 @@ def test_threads_draw_independent_noise() -> None:
     assert not any(tuple(row.tolist()) in rows for row in b)  # no draw is ever shared
 
 
-def test_seeded_wrapper_is_reproducible_in_one_thread_whatever_other_threads_did() -> None:
-    """Seeded: one stream. A thread started after the seed replays it from the start."""
+def test_seeded_wrapper_gives_its_seeded_stream_in_any_thread() -> None:
+    """Seeded: one stream for all threads, so a worker thread replays what the seed promises."""
     model = mlp()
     x = torch.rand(3, 6)
     with torch.no_grad():
