@@ -32,6 +32,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from randfeat.data_parallel import data_parallel_forward
 from randfeat.hooks import Hooks
 from randfeat.layers import HookPoint, resolve_layers
 from randfeat.noise import NoiseRNG, Variance, check_feature, per_layer, sigma_for, standard_normal
@@ -86,34 +87,6 @@ class _NoiseHook:
 
 def _dead() -> None:
     return None
-
-
-class _InContext:
-    """A DataParallel replica run inside a copy of the caller's context (see `_data_parallel`)."""
-
-    def __init__(self, replica: nn.Module) -> None:
-        self.replica = replica
-        self.context = contextvars.copy_context()
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.context.run(self.replica, *args, **kwargs)
-
-
-def _data_parallel(dp: nn.DataParallel[nn.Module], args: tuple[Any, ...], kwargs: Any) -> Any:
-    """`DataParallel.forward` on two or more devices, each replica in a copy of this context.
-
-    torch's `parallel_apply` runs each replica in a new `threading.Thread`, which (before Python
-    3.14) starts with an empty context: the hooks there would find no run of this wrapper and add
-    no noise. Each replica gets its own copy (a context cannot be entered by two threads at once);
-    the copies share this forward's run, so the reached-layer check sees every replica.
-    """
-    inputs, module_kwargs = dp.scatter(args, kwargs, dp.device_ids)
-    if not inputs and not module_kwargs:
-        inputs, module_kwargs = ((),), ({},)
-    replicas = dp.replicate(dp.module, dp.device_ids[: len(inputs)])
-    shims: Any = [_InContext(r) for r in replicas]
-    outputs = dp.parallel_apply(shims, inputs, module_kwargs)
-    return dp.gather(outputs, dp.output_device)
 
 
 class RandomizedFeatureWrapper(nn.Module):
@@ -285,8 +258,8 @@ class RandomizedFeatureWrapper(nn.Module):
             run.fired.add("input")
             x = self._perturb("input", check_feature(x, "input"), run)
         m = self.model
-        if isinstance(m, nn.DataParallel) and len(m.device_ids) > 1:
-            return _data_parallel(m, (x, *args), kwargs)
+        if isinstance(m, nn.DataParallel) and len(m.device_ids) > 1:  # replicas in worker threads
+            return data_parallel_forward(m, (x, *args), kwargs)
         return m(x, *args, **kwargs)
 
     def _run(self, make: Callable[[], _Run], x: Tensor, args: tuple[Any, ...], kw: Any) -> Any:
