@@ -2,6 +2,7 @@
 
 - [randfeat.eval.models.digits][]: the offline default model, trained and cached.
 - [randfeat.eval.models.timm_models][]: timm models with their normalisation folded in.
+- [randfeat.eval.models.hf_models][]: saved Hugging Face image classifiers (`hf:PATH`), likewise.
 - [randfeat.eval.models.sources][]: which `--model` names load from where.
 """
 

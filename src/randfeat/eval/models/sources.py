@@ -3,7 +3,8 @@
 A [ModelSource][randfeat.eval.models.sources.ModelSource] claims the names it can load, checks a
 name before any work is spent, and loads the model as a callable from images in $[0, 1]$ to
 logits. [model_source][randfeat.eval.models.sources.model_source] picks the first source that
-claims a name: `digits-cnn` (embedded, trained on first use), else timm.
+claims a name: `digits-cnn` (embedded, trained on first use), `hf:PATH` (a saved `transformers`
+image classifier), else timm.
 
 To add a model source, write its loader and add one `ModelSource` to `_SOURCES` (before timm,
 which claims every other name).
@@ -14,12 +15,14 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
 from randfeat.eval.errors import ConfigError
 from randfeat.eval.models.digits import DigitsCNN, digits_cnn
+from randfeat.eval.models.hf_models import load_hf
 from randfeat.eval.models.timm_models import load_timm
 
 __all__ = ["MODEL_SOURCES", "ModelRequest", "ModelSource", "model_source"]
@@ -111,6 +114,30 @@ def _load_timm(req: ModelRequest) -> nn.Module:
         ) from err
 
 
+def _hf_path(name: str) -> Path:
+    return Path(name.removeprefix("hf:")).expanduser()
+
+
+def _check_hf(name: str) -> None:
+    path = _hf_path(name)
+    if not (path / "config.json").is_file():
+        raise ConfigError(
+            f"--model {name}: {str(path)!r} holds no config.json. Give the directory a "
+            "transformers image classifier was saved to (save_pretrained); nothing is downloaded."
+        )
+
+
+def _load_hf(req: ModelRequest) -> nn.Module:
+    if req.pretrained or req.checkpoint:
+        raise ConfigError(
+            f"--model {req.name} loads its own weights: drop --pretrained/--checkpoint."
+        )
+    try:
+        return load_hf(_hf_path(req.name), num_classes=req.num_classes)
+    except (ImportError, ValueError) as err:
+        raise ConfigError(f"Cannot load --model {req.name}: {err}") from err
+
+
 def _timm_native_size(model: nn.Module) -> int | None:
     inner = getattr(model, "model", model)
     size = getattr(inner, "pretrained_cfg", {}).get("input_size")
@@ -126,6 +153,15 @@ _SOURCES = (
         load=_load_digits,
         data=("digits",),
         pretrained=False,
+    ),
+    ModelSource(
+        "hf",
+        "'hf:PATH' (a saved transformers image classifier)",
+        claims=lambda name: name.startswith("hf:"),
+        check=_check_hf,
+        load=_load_hf,
+        pretrained=False,
+        native_size=lambda model: getattr(model, "image_size", None),
     ),
     ModelSource(
         "timm",
