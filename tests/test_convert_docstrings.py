@@ -4,6 +4,7 @@ with the runtime text otherwise unchanged, and a second run changes nothing."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -141,3 +142,29 @@ def test_unknown_restructuredtext_is_reported_with_its_line() -> None:
     new, left = convert.convert_source(source, "m", RESOLVER)
     assert new == source
     assert left == [(4, ".. note::")]
+
+
+RST_LEFT = re.compile(
+    r":(?:py:)?(?:math|class|func|meth|mod|attr|data|exc|obj):`|^[ \t]*\.\. math::", re.M
+)
+
+
+def test_the_package_docstrings_hold_no_restructuredtext() -> None:
+    """Every docstring under src/randfeat is in the Markdown style (the site test sees only the
+    documented objects; this one sees private modules too)."""
+    found = []
+    for path in sorted((ROOT / "src" / "randfeat").rglob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for doc in convert._docstrings(tree, "m"):
+            text = doc.node.value
+            lines = text.split("\n")
+            found += [
+                f"{path.relative_to(ROOT)}:{doc.node.lineno + text[: m.start()].count(chr(10))}: {m.group(0).strip()}"
+                for m in RST_LEFT.finditer(text)
+            ]
+            found += [
+                f"{path.relative_to(ROOT)}:{doc.node.lineno + i}: Example: (write Examples:)"
+                for i, line in enumerate(lines)
+                if convert._convert_examples([line, *lines[i + 1 :]])[0] != line
+            ]
+    assert not found, "run scripts/convert_docstrings.py:\n" + "\n".join(found)
