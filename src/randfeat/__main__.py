@@ -1,4 +1,4 @@
-"""``python -m randfeat ...``: the command line of :mod:`randfeat.cli` (also under ``torchrun -m``)."""
+"""`python -m randfeat ...`: the command line of [`randfeat.cli`][randfeat.cli] (also under `torchrun -m`)."""
 
 from __future__ import annotations
 
