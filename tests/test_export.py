@@ -122,12 +122,18 @@ def test_onnxruntime_replays_random_ops_across_sessions() -> None:
     assert np.array_equal(draws[0], draws[1])
 
 
-def test_plain_legacy_onnx_export_of_a_wrapper_stops_at_the_noise_op(tmp_path: Path) -> None:
-    """The noise op has no ONNX translation on purpose (the only one would be a replaying random
-    op): the exporter stops and names it; docs/deploy.md points to to_onnx."""
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_plain_onnx_export_of_a_wrapper_is_refused_with_the_way_out(
+    tmp_path: Path, dynamo: bool
+) -> None:
+    """The only ONNX translation of the noise would be a replaying random op: both exporters stop
+    before tracing, with a message that names to_onnx and OnnxDefended (not a deep trace that
+    names an unknown operator)."""
     model, inputs = digits_cnn()
-    with pytest.raises(Exception, match="randfeat::standard_normal"):
-        torch.onnx.export(wrap(model, nu=NU), (inputs(2),), str(tmp_path / "p.onnx"), dynamo=False)
+    with pytest.raises(Exception, match=r"randfeat\.export\.to_onnx.*OnnxDefended"):
+        torch.onnx.export(
+            wrap(model, nu=NU), (inputs(2),), str(tmp_path / "p.onnx"), dynamo=dynamo
+        )
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

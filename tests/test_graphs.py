@@ -116,3 +116,10 @@ def test_compile_with_inductor_draws_from_the_wrappers_stream() -> None:
         assert not torch.allclose(compiled(x), first)
         w.manual_seed(1)
         assert torch.allclose(w(x), first, atol=1e-5)
+
+
+def test_the_noise_op_is_tagged_as_a_seeded_random_op() -> None:
+    """`nondeterministic_seeded` tells every compiler pass that two calls with equal arguments are
+    different draws: none may merge them (CSE) or fold one into a constant."""
+    op = torch.ops.randfeat.standard_normal.default
+    assert torch.Tag.nondeterministic_seeded in op.tags

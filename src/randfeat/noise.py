@@ -27,6 +27,7 @@ __all__ = [
     "Variance",
     "add_noise",
     "check_feature",
+    "ONNX_REFUSAL",
     "in_graph",
     "per_layer",
     "sigma_for",
@@ -187,15 +188,36 @@ def in_graph() -> bool:
     return torch.jit.is_tracing() or torch.compiler.is_compiling()  # type: ignore[attr-defined]
 
 
-@torch.library.custom_op("randfeat::standard_normal", mutates_args=())
+ONNX_REFUSAL = (
+    "torch.onnx.export cannot export randfeat's noise safely: ONNX runtimes seed random ops alike "
+    "in every session (onnxruntime) or ignore their seed (TensorRT), so the noise would replay. "
+    "Use randfeat.export.to_onnx(defended, example_x, path), which makes the noise a graph input, "
+    "and randfeat.export.OnnxDefended(path), which draws it from OS entropy at every call "
+    "(docs/deploy.md)."
+)
+"""Why `torch.onnx.export` of a wrapper stops, and the way out (raised by the noise op)."""
+
+
+def _refuse_onnx() -> None:
+    if torch.onnx.is_in_onnx_export():
+        raise RuntimeError(ONNX_REFUSAL)
+
+
+# `nondeterministic_seeded`: two calls with equal arguments are different draws, so no compiler
+# pass may merge them (common-subexpression elimination) or fold one into a constant.
+@torch.library.custom_op(
+    "randfeat::standard_normal", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
+)
 def _standard_normal_op(like: Tensor, stream: int) -> Tensor:
     """`ε ~ N(0, I)` shaped like `like`, drawn at run time from the stream numbered `stream`."""
+    _refuse_onnx()  # the TorchScript-based exporter runs the op while it traces
     rng = _STREAMS.get(stream, _FALLBACK)
     return torch.empty_like(like).normal_(generator=rng.generator(like.device))
 
 
 @_standard_normal_op.register_fake
 def _(like: Tensor, stream: int) -> Tensor:
+    _refuse_onnx()  # the torch.export-based exporter runs the fake while it traces
     return torch.empty_like(like)
 
 
