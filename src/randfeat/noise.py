@@ -23,11 +23,11 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "ONNX_REFUSAL",
     "NoiseRNG",
     "Variance",
     "add_noise",
     "check_feature",
-    "ONNX_REFUSAL",
     "in_graph",
     "per_layer",
     "sigma_for",
