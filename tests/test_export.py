@@ -131,9 +131,7 @@ def test_plain_onnx_export_of_a_wrapper_is_refused_with_the_way_out(
     names an unknown operator)."""
     model, inputs = digits_cnn()
     with pytest.raises(Exception, match=r"randfeat\.export\.to_onnx.*OnnxDefended"):
-        torch.onnx.export(
-            wrap(model, nu=NU), (inputs(2),), str(tmp_path / "p.onnx"), dynamo=dynamo
-        )
+        torch.onnx.export(wrap(model, nu=NU), (inputs(2),), str(tmp_path / "p.onnx"), dynamo=dynamo)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
