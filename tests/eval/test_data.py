@@ -136,7 +136,7 @@ def test_balanced_subset_errors() -> None:
         balanced_subset(y, 0, seed=0)
     with pytest.raises(ValueError, match="`y`"):
         balanced_subset(torch.rand(8), 3, seed=0)
-    with pytest.raises(ValueError, match="`seed`"):
+    with pytest.raises(TypeError, match="`seed`"):
         balanced_subset(y, 3, seed=1.5)  # type: ignore[arg-type]
 
 

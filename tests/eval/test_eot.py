@@ -207,10 +207,13 @@ def test_labels_attack_is_charged_m_per_query() -> None:
 
 
 # ----------------------------------------------------------------------------- errors
-@pytest.mark.parametrize("m", [0, -2, 1.5, True, "3", None])
-def test_bad_m(m) -> None:
-    with pytest.raises(ValueError, match="`m`"):
-        EOT(SignHunter(0.1), m)
+@pytest.mark.parametrize(
+    ("m", "error"),
+    [(0, ValueError), (-2, ValueError), (1.5, TypeError), (True, TypeError), ("3", TypeError)],
+)
+def test_bad_m(m: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="`m`"):
+        EOT(SignHunter(0.1), m)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("attack", [None, "square", SignHunter])

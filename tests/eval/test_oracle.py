@@ -9,8 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from randfeat.eval.attacks.base import linf_bounds, margin, project
+from randfeat.eval.attacks.base import linf_bounds, project
 from randfeat.eval.oracle import AttackResult, Oracle, _binom_majority, distance, rejudge
+from randfeat.losses import margin_loss as margin
 
 
 class Counting:

@@ -334,7 +334,7 @@ def test_property_budget_ball_and_accounting(
         ({"eps": 0.1, "prob": 1.0}, ValueError),
         ({"eps": 0.1, "resize_factor": 0.5}, ValueError),
         ({"eps": 0.1, "binary_steps": -1}, ValueError),
-        ({"eps": 0.1, "binary_steps": 2.5}, ValueError),
+        ({"eps": 0.1, "binary_steps": 2.5}, TypeError),
     ],
 )
 def test_bad_hyperparameters_raise(kwargs: dict[str, object], exc: type[Exception]) -> None:

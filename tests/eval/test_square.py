@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from torch import Tensor, nn
 
 import randfeat
-from randfeat.eval.attacks.base import margin
 from randfeat.eval.attacks.square import (
     Square,
     _window_masks,
@@ -27,6 +26,7 @@ from randfeat.eval.attacks.square import (
 )
 from randfeat.eval.data import Digits
 from randfeat.eval.oracle import AttackResult, distance
+from randfeat.losses import margin_loss as margin
 
 N_DIGITS = 60  # test images attacked at the full budget
 BUDGET = 1000

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from randfeat.checks import check_int, check_positive_int
+
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
@@ -143,10 +145,8 @@ def balanced_subset(
             "Expected argument `y` to be a 1-D tensor of integer labels, but got "
             f"dtype {labels.dtype} and shape {tuple(labels.shape)}."
         )
-    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ValueError(f"Expected argument `n` to be a positive int, but got {n!r}.")
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"Expected argument `seed` to be an int, but got {seed!r}.")
+    check_positive_int(n, "n")
+    check_int(seed, "seed")
     labels = labels.to("cpu", torch.int64)
     m = labels.numel()
     available = torch.ones(m, dtype=torch.bool)
@@ -209,11 +209,7 @@ def _image_transform(image_size: int | None, crop: bool) -> Any:
     transforms = _require("torchvision.transforms")
     steps: list[Any] = []
     if image_size is not None:
-        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size <= 0:
-            raise ValueError(
-                f"Expected argument `image_size` to be a positive int or None, but got "
-                f"{image_size!r}."
-            )
+        check_positive_int(image_size, "image_size")
         if crop:
             # The usual ImageNet evaluation preprocessing: resize the short side, centre-crop.
             steps += [transforms.Resize(image_size), transforms.CenterCrop(image_size)]

@@ -22,6 +22,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from randfeat.checks import (
+    check_choice,
+    check_float,
+    check_nonnegative_float,
+    check_positive_float,
+    check_positive_int,
+)
+
 if TYPE_CHECKING:
     from randfeat.wrapper import RandomizedFeatureWrapper
 
@@ -31,21 +39,6 @@ Variant = Literal["linear", "sine"]
 
 # The sine variant's amplitude, as a fraction of τ (official `AAASine.forward`: 0.7 * interval).
 _SINE_AMPLITUDE = 0.7
-
-
-def _finite_float(name: str, value: float, *, low: float, strict: bool) -> float:
-    """Return `value` as a float, or raise unless it is finite and `> low` (`>= low`)."""
-    rule = f"> {low:g}" if strict else f">= {low:g}"
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(
-            f"Expected argument `{name}` to be a finite float {rule}, but got {value!r}."
-        )
-    ok = math.isfinite(value) and (value > low if strict else value >= low)
-    if not ok:
-        raise ValueError(
-            f"Expected argument `{name}` to be a finite float {rule}, but got {value!r}."
-        )
-    return float(value)
 
 
 def _validate_aaa(
@@ -58,20 +51,16 @@ def _validate_aaa(
     temperature: float,
     variant: str,
 ) -> tuple[float, float, float, float, int, float, float, Variant]:
-    tau = _finite_float("tau", tau, low=0.0, strict=True)
-    if isinstance(dev, bool) or not isinstance(dev, (int, float)) or not math.isfinite(dev):
-        raise ValueError(f"Expected argument `dev` to be a finite float, but got {dev!r}.")
-    kappa = _finite_float("kappa", kappa, low=0.0, strict=False)
-    beta = _finite_float("beta", beta, low=0.0, strict=False)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"Expected argument `steps` to be an int >= 1, but got {steps!r}.")
-    lr = _finite_float("lr", lr, low=0.0, strict=True)
-    temperature = _finite_float("temperature", temperature, low=0.0, strict=True)
-    if variant == "linear":
-        return tau, float(dev), kappa, beta, steps, lr, temperature, "linear"
-    if variant == "sine":
-        return tau, float(dev), kappa, beta, steps, lr, temperature, "sine"
-    raise ValueError(f"Expected argument `variant` to be 'linear' or 'sine', but got {variant!r}.")
+    return (
+        check_positive_float(tau, "tau"),
+        check_float(dev, "dev"),
+        check_nonnegative_float(kappa, "kappa"),
+        check_nonnegative_float(beta, "beta"),
+        check_positive_int(steps, "steps"),
+        check_positive_float(lr, "lr"),
+        check_positive_float(temperature, "temperature"),
+        check_choice(variant, "variant", ("linear", "sine")),
+    )
 
 
 def _target_margin(m0: Tensor, tau: float, dev: float, kappa: float, variant: Variant) -> Tensor:

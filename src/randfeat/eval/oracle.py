@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from randfeat.checks import check_choice, check_optional, check_positive_int
 from randfeat.outputs import logits_of
 
 Norm = Literal["linf", "l2"]
@@ -149,16 +150,9 @@ class Oracle:
     ) -> None:
         if not callable(model):
             raise TypeError(f"Expected argument `model` to be callable, but got {type(model)!r}.")
-        if batch_size is not None and (isinstance(batch_size, bool) or batch_size < 1):
-            raise ValueError(
-                f"Expected argument `batch_size` to be an int >= 1, got {batch_size!r}."
-            )
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"Expected argument `samples` to be an int >= 1, got {samples!r}.")
-        if output not in ("scores", "labels"):
-            raise ValueError(
-                f"Expected argument `output` to be 'scores' or 'labels', got {output!r}."
-            )
+        check_optional(check_positive_int, batch_size, "batch_size")
+        check_positive_int(samples, "samples")
+        output = check_choice(output, "output", ("scores", "labels"))
         self._model = model
         self.x0 = x
         self.y = y

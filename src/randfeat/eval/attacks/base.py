@@ -8,7 +8,6 @@ in the attack.
 
 from __future__ import annotations
 
-import math
 import secrets
 from abc import ABC, abstractmethod
 from typing import ClassVar
@@ -16,46 +15,27 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from randfeat.checks import (
+    check_batch,
+    check_choice,
+    check_labels,
+    check_positive_float,
+    check_positive_int,
+    check_seed,
+)
 from randfeat.eval.oracle import AttackResult, Model, Norm, Oracle, Output, distance
 
-__all__ = [
-    "Attack",
-    "OracleAttack",
-    "linf_bounds",
-    "make_generator",
-    "margin",
-    "project",
-    "validate_eps",
-]
+__all__ = ["Attack", "OracleAttack", "linf_bounds", "make_generator", "project"]
 
 
 def make_generator(seed: int | torch.Generator | None, device: torch.device) -> torch.Generator:
     """A generator on `device`: seeded by `seed`, or from OS entropy when `seed` is None."""
     if isinstance(seed, torch.Generator):
         return seed
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-        raise TypeError(
-            f"Expected argument `seed` to be an int, a torch.Generator or None, got {seed!r}."
-        )
+    seed = check_seed(seed)
     g = torch.Generator(device=device)
-    g.manual_seed(secrets.randbits(63) if seed is None else int(seed))
+    g.manual_seed(secrets.randbits(63) if seed is None else seed)
     return g
-
-
-def validate_eps(eps: float) -> float:
-    """Raise unless `eps` is a finite number > 0."""
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"Expected argument `eps` to be a float > 0, but got {eps!r}.")
-    if not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"Expected argument `eps` to be a finite float > 0, but got {eps!r}.")
-    return float(eps)
-
-
-def margin(scores: Tensor, y: Tensor) -> Tensor:
-    """The margin loss of Eq. (3): `f_y(x) - max_{i != y} f_i(x)` per row (`<= 0`: fooled)."""
-    true = scores.gather(1, y.view(-1, 1)).squeeze(1)
-    other = scores.scatter(1, y.view(-1, 1), float("-inf")).amax(dim=1)
-    return true - other
 
 
 def _shrink_toward(bound: Tensor, x0: Tensor, eps: float) -> Tensor:
@@ -75,7 +55,7 @@ def linf_bounds(x0: Tensor, eps: float) -> tuple[Tensor, Tensor]:
     Raises:
         ValueError / TypeError: `eps` is not a finite float > 0.
     """
-    eps = validate_eps(eps)
+    eps = check_positive_float(eps, "eps")
     # bounds rounded from float64 overshoot by at most half an ulp, which one nudge undoes
     lo = _shrink_toward((x0.double() - eps).to(x0.dtype), x0, eps).clamp_min(0.0)
     hi = _shrink_toward((x0.double() + eps).to(x0.dtype), x0, eps).clamp_max(1.0)
@@ -129,10 +109,8 @@ class Attack(ABC):
     norm: Norm
 
     def __init__(self, eps: float, norm: Norm = "linf") -> None:
-        self.eps = validate_eps(eps)
-        if norm not in ("linf", "l2"):
-            raise ValueError(f"Expected argument `norm` to be 'linf' or 'l2', but got {norm!r}.")
-        self.norm = norm
+        self.eps = check_positive_float(eps, "eps")
+        self.norm = check_choice(norm, "norm", ("linf", "l2"))
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
@@ -217,36 +195,13 @@ class OracleAttack(Attack):
 
 
 def _validate_inputs(x: Tensor, y: Tensor, budget: int, votes: int) -> tuple[Tensor, Tensor]:
-    if not isinstance(x, Tensor) or not x.is_floating_point():
-        raise TypeError(
-            f"Expected argument `x` to be a float tensor [N, C, H, W], got {type(x)!r}."
-        )
-    if x.ndim < 2 or x.shape[0] == 0:
-        raise ValueError(
-            f"Expected argument `x` to be a non-empty batch [N, ...], got shape {tuple(x.shape)}."
-        )
+    x = check_batch(x)
     if not bool(torch.isfinite(x).all()) or bool(((x < 0) | (x > 1)).any()):
         raise ValueError(
             f"Expected argument `x` to lie in [0, 1], but got values in "
             f"[{float(x.min()):.4g}, {float(x.max()):.4g}]. Fold normalisation into the model."
         )
-    if not isinstance(y, Tensor) or y.dtype not in (
-        torch.int64,
-        torch.int32,
-        torch.int16,
-        torch.uint8,
-    ):
-        raise TypeError(
-            f"Expected argument `y` to be an integer tensor [N], got {getattr(y, 'dtype', type(y))}."
-        )
-    if y.ndim != 1 or y.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"Expected argument `y` of shape [{x.shape[0]}] to match `x`, got {tuple(y.shape)}."
-        )
-    if bool((y < 0).any()):
-        raise ValueError(f"Expected labels `y` >= 0, got min {int(y.min())}.")
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"Expected argument `budget` to be an int >= 1, got {budget!r}.")
-    if isinstance(votes, bool) or not isinstance(votes, int) or votes < 1:
-        raise ValueError(f"Expected argument `votes` to be an int >= 1, got {votes!r}.")
-    return x, y.to(device=x.device, dtype=torch.long)
+    y = check_labels(y, x.shape[0])
+    check_positive_int(budget, "budget")
+    check_positive_int(votes, "votes")
+    return x, y.to(device=x.device)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from randfeat.checks import check_positive_int
 from randfeat.eval.attacks.base import Attack
 from randfeat.eval.oracle import AttackResult, Model
 
@@ -58,8 +59,7 @@ class EOT(Attack):
             raise TypeError(
                 f"Expected argument `attack` to be a randfeat Attack, but got {type(attack)!r}."
             )
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ValueError(f"Expected argument `m` to be an int >= 1, but got {m!r}.")
+        check_positive_int(m, "m")
         super().__init__(attack.eps, attack.norm)
         self.attack = attack
         self.m = m
@@ -86,8 +86,7 @@ class EOT(Attack):
         See [Attack.run][randfeat.eval.attacks.base.Attack.run] for the arguments; `samples`
         multiplies (an EOT of an EOT averages the product).
         """
-        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
-            raise ValueError(f"Expected argument `samples` to be an int >= 1, got {samples!r}.")
+        check_positive_int(samples, "samples")
         return self.attack.run(
             model,
             x,

@@ -15,13 +15,14 @@ do we.
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 from torch import Tensor
 
-from randfeat.eval.attacks.base import OracleAttack, linf_bounds, margin, project
+from randfeat.checks import check_int, check_optional, check_positive_float
+from randfeat.eval.attacks.base import OracleAttack, linf_bounds, project
 from randfeat.eval.oracle import Norm, Oracle
+from randfeat.losses import margin_loss
 
 __all__ = ["NES"]
 
@@ -38,29 +39,14 @@ _DEFAULTS: dict[str, tuple[int, float, float]] = {
 }
 
 
-def _validate_positive(name: str, value: float | None) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"Expected argument `{name}` to be a float > 0 or None, but got {value!r}.")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"Expected argument `{name}` to be a finite float > 0, but got {value!r}.")
-    return float(value)
-
-
 def _validate_samples(samples: int | None) -> int | None:
-    if samples is None:
-        return None
-    if isinstance(samples, bool) or not isinstance(samples, int):
-        raise TypeError(
-            f"Expected argument `samples` to be an even int >= 2 or None, but got {samples!r}."
-        )
-    if samples < 2 or samples % 2 != 0:
+    s = check_optional(lambda v, name: check_int(v, name, low=2), samples, "samples")
+    if s is not None and s % 2:
         raise ValueError(
             f"Expected argument `samples` to be an even int >= 2 (forwards per gradient estimate, "
             f"i.e. samples / 2 antithetic pairs), but got {samples!r}."
         )
-    return samples
+    return s
 
 
 class NES(OracleAttack):
@@ -152,8 +138,8 @@ class NES(OracleAttack):
     ) -> None:
         super().__init__(eps, norm)
         s = _validate_samples(samples)
-        f = _validate_positive("fd_eta", fd_eta)
-        r = _validate_positive("lr", lr)
+        f = check_optional(check_positive_float, fd_eta, "fd_eta")
+        r = check_optional(check_positive_float, lr, "lr")
         d_samples, d_fd, d_lr = _DEFAULTS[self.norm]
         self.samples = d_samples if s is None else s
         self.fd_eta = d_fd * self.eps if f is None else f
@@ -178,7 +164,7 @@ class NES(OracleAttack):
         probes = torch.cat([xr + self.fd_eta * u, xr - self.fd_eta * u], dim=1).clamp(0.0, 1.0)
         idx = act.repeat_interleave(self.samples)
         scores = oracle.scores(probes.flatten(0, 1), idx)  # [n * samples, K]
-        loss = margin(scores, oracle.y[idx]).to(x.dtype).view(n, 2, pairs)
+        loss = margin_loss(scores, oracle.y[idx]).to(x.dtype).view(n, 2, pairs)
         diff = (loss[:, 0] - loss[:, 1]) / (2.0 * self.fd_eta)  # [n, P]
         return (diff.view(n, pairs, *([1] * (x.ndim - 1))) * u).mean(dim=1)
 

@@ -41,20 +41,13 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
+from randfeat.checks import check_positive_float
 from randfeat.eval.attacks.base import OracleAttack, project
 from randfeat.eval.oracle import Oracle, Output
 
 __all__ = ["RayS"]
 
 _log = logging.getLogger(__name__)
-
-
-def _validate_tol(tol: float) -> float:
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)):
-        raise TypeError(f"Expected argument `tol` to be a float > 0, but got {tol!r}.")
-    if not math.isfinite(tol) or tol <= 0:
-        raise ValueError(f"Expected argument `tol` to be a finite float > 0, but got {tol!r}.")
-    return float(tol)
 
 
 class RaySearch:
@@ -76,7 +69,7 @@ class RaySearch:
     def __init__(self, x0: Tensor, tol: float = 1e-3) -> None:
         if x0.ndim != 2 or x0.shape[1] == 0:
             raise ValueError(f"Expected argument `x0` of shape [N, D], got {tuple(x0.shape)}.")
-        self.tol = _validate_tol(tol)
+        self.tol = check_positive_float(tol, "tol")
         n, dim = x0.shape
         dev = x0.device
         self.x0 = x0
@@ -251,7 +244,7 @@ class RayS(OracleAttack):
                 f"Expected argument `norm` to be 'linf' (RayS is an ℓ∞ attack), but got {norm!r}."
             )
         super().__init__(eps, norm)
-        self.tol = _validate_tol(tol)
+        self.tol = check_positive_float(tol, "tol")
 
     def _attack(self, oracle: Oracle, generator: torch.Generator) -> Tensor:
         """Step all samples' ray searches together until each has succeeded or spent its budget."""

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from randfeat.checks import check_float, check_int, check_positive_float
 from randfeat.eval.attacks.base import OracleAttack, project
 from randfeat.eval.oracle import Oracle, Output
 
@@ -155,23 +156,12 @@ class SignFlip(OracleAttack):
                 f"{norm!r}. For 'l2', use a score-based attack (Square, NES)."
             )
         super().__init__(eps, norm)
-        self.alpha = ALPHA_FRACTION * self.eps if alpha is None else _positive_float("alpha", alpha)
-        self.prob = _positive_float("prob", prob)
-        if not PROB_MIN <= self.prob <= PROB_MAX:
-            raise ValueError(
-                f"Expected argument `prob` to be a keep-sign probability in [{PROB_MIN}, "
-                f"{PROB_MAX}], but got {prob!r}."
-            )
-        self.resize_factor = _positive_float("resize_factor", resize_factor)
-        if self.resize_factor < 1.0:
-            raise ValueError(
-                f"Expected argument `resize_factor` to be a float >= 1, but got {resize_factor!r}."
-            )
-        if isinstance(binary_steps, bool) or not isinstance(binary_steps, int) or binary_steps < 0:
-            raise ValueError(
-                f"Expected argument `binary_steps` to be an int >= 0, but got {binary_steps!r}."
-            )
-        self.binary_steps = binary_steps
+        self.alpha = (
+            ALPHA_FRACTION * self.eps if alpha is None else check_positive_float(alpha, "alpha")
+        )
+        self.prob = check_float(prob, "prob", low=PROB_MIN, high=PROB_MAX)
+        self.resize_factor = check_float(resize_factor, "resize_factor", low=1.0)
+        self.binary_steps = check_int(binary_steps, "binary_steps", low=0)
 
     # ------------------------------------------------------------------ the attack
     def _attack(self, oracle: Oracle, generator: torch.Generator) -> Tensor:
@@ -309,13 +299,3 @@ class SignFlip(OracleAttack):
                 proj_hits = torch.where(due, 0, proj_hits)
                 flip_hits = torch.where(due, 0, flip_hits)
         return delta
-
-
-def _positive_float(name: str, value: float) -> float:
-    """Raise unless `value` is a finite real number > 0; return it as a float."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"Expected argument `{name}` to be a float > 0, but got {value!r}.")
-    v = float(value)
-    if not (v > 0 and v < float("inf")):
-        raise ValueError(f"Expected argument `{name}` to be a finite float > 0, but got {value!r}.")
-    return v

@@ -30,8 +30,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from randfeat.eval.attacks.base import OracleAttack, linf_bounds, margin, project
+from randfeat.eval.attacks.base import OracleAttack, linf_bounds, project
 from randfeat.eval.oracle import Norm, Oracle
+from randfeat.losses import margin_loss
 
 __all__ = ["SignHunter"]
 
@@ -173,14 +174,14 @@ class SignHunter(OracleAttack):
             # (1) once per restart: L(x_o), cached (it cancels when two g values are compared).
             rows = (oracle.active(1) & ~have_center).nonzero().squeeze(1)
             if rows.numel() > 0:
-                f_center[rows] = margin(oracle.scores(center[rows], rows), oracle.y[rows])
+                f_center[rows] = margin_loss(oracle.scores(center[rows], rows), oracle.y[rows])
                 have_center[rows] = True
             # (2) once per restart: s = +1 and its probe, the first best.
             rows = (oracle.active(1) & have_center & ~started).nonzero().squeeze(1)
             if rows.numel() > 0:
                 s[rows] = 1.0
                 probe = probe_of(rows, s[rows])
-                best[rows] = margin(oracle.scores(probe, rows), oracle.y[rows])
+                best[rows] = margin_loss(oracle.scores(probe, rows), oracle.y[rows])
                 x_last[rows] = probe
                 started[rows] = True
             # (3) every iteration: flip chunk i of level h, keep it unless the loss got worse.
@@ -192,7 +193,7 @@ class SignHunter(OracleAttack):
             flip = (coords.unsqueeze(0) // chunk.unsqueeze(1)) == ir.unsqueeze(1)
             cand = torch.where(flip, -s[rows], s[rows])
             probe = probe_of(rows, cand)
-            loss = margin(oracle.scores(probe, rows), oracle.y[rows])
+            loss = margin_loss(oracle.scores(probe, rows), oracle.y[rows])
             # g(s') >= g(s_best) with the cached L(x_o)  <=>  L(s') <= L(s_best)
             keep = loss <= best[rows]
             s[rows] = torch.where(keep.unsqueeze(1), cand, s[rows])

@@ -16,8 +16,10 @@ import math
 import torch
 from torch import Tensor
 
-from randfeat.eval.attacks.base import OracleAttack, margin, project
+from randfeat.checks import check_probability
+from randfeat.eval.attacks.base import OracleAttack, project
 from randfeat.eval.oracle import Norm, Oracle
+from randfeat.losses import margin_loss
 
 __all__ = [
     "Square",
@@ -252,14 +254,7 @@ class Square(OracleAttack):
         super().__init__(eps, norm)
         if p_init is None:
             p_init = _P_INIT[self.norm]
-        if isinstance(p_init, bool) or not isinstance(p_init, (int, float)):
-            raise TypeError(
-                f"Expected argument `p_init` to be a float in (0, 1], but got {p_init!r}."
-            )
-        if not (math.isfinite(p_init) and 0 < p_init <= 1):
-            raise ValueError(
-                f"Expected argument `p_init` to be a float in (0, 1], but got {p_init!r}."
-            )
+        p_init = check_probability(p_init, "p_init", allow_one=True)
         self.p_init = float(p_init)
 
     # ------------------------------------------------------------------ the loop
@@ -286,7 +281,7 @@ class Square(OracleAttack):
         idx = act.nonzero().squeeze(1)
         xb, ya, xp, xm = x_best[idx], y[idx], x_plus[idx], x_minus[idx]
         seen = oracle.n_succeeded  # before the init query: its successes re-gather too
-        mm = margin(oracle.scores(xb, idx), ya)
+        mm = margin_loss(oracle.scores(xb, idx), ya)
         # The loop works on the active samples gathered once ("compacted"): x_best and margin_min
         # are written back, and the active samples gathered again, only when the oracle reports a
         # new success (every active sample spends one query per iteration, so the budget never
@@ -306,7 +301,7 @@ class Square(OracleAttack):
                 cand = self._candidate_linf(xb, xp, xm, s, generator)
             else:
                 cand = self._candidate_l2(xp, xb, s, generator)  # ℓ2: x_plus is x0
-            loss = margin(oracle.scores(cand, idx), ya)
+            loss = margin_loss(oracle.scores(cand, idx), ya)
             improved = loss < mm  # strict, as in the official code
             mm = torch.where(improved, loss, mm)
             xb = torch.where(improved.view(-1, 1, 1, 1), cand, xb)

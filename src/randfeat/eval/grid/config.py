@@ -16,16 +16,19 @@ import difflib
 import hashlib
 import json
 import math
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
+from randfeat.checks import check_positive_float, check_positive_int
 from randfeat.eval.attacks.registry import ATTACKS
 from randfeat.eval.datasets import DataSpec
 from randfeat.eval.errors import ConfigError
 from randfeat.eval.models.sources import ModelSource, model_source
 
 __all__ = ["DEFENSE_KINDS", "SERVED", "EvalConfig", "derive_seed"]
+
+T = TypeVar("T")
 
 DEFENSE_KINDS = ("base", "input", "feature", "aaa")
 """The defenses `--defenses` accepts: none, RND, randomized features, AAA."""
@@ -314,27 +317,35 @@ def _as_int(x: object) -> int | None:
         return None
 
 
-def _opt_int(v: Mapping[str, Any], name: str) -> int | None:
-    x = v.get(name)
-    if x is None:
-        return None
-    n = _as_int(x)
-    if n is None or n < 1:
-        raise ConfigError(f"Expected `{name}` to be an int >= 1, but got {x!r}.")
-    return n
+def _parsed(x: object) -> object:
+    """A string from a flag or a file as the number it spells (else unchanged)."""
+    if not isinstance(x, str):
+        return x
+    for kind in (int, float):
+        try:
+            return kind(x)
+        except ValueError:
+            pass
+    return x
 
 
-def _opt_float(v: Mapping[str, Any], name: str) -> float | None:
+def _checked(check: Callable[[object, str], T], v: Mapping[str, Any], name: str) -> T | None:
+    """`v[name]` passed through one of `randfeat.checks`' validators (None when absent)."""
     x = v.get(name)
     if x is None:
         return None
     try:
-        f = float(x) if not isinstance(x, bool) else math.nan
-    except (TypeError, ValueError):
-        f = math.nan
-    if not math.isfinite(f) or f <= 0:
-        raise ConfigError(f"Expected `{name}` to be a finite float > 0, but got {x!r}.")
-    return f
+        return check(_parsed(x), name)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from None
+
+
+def _opt_int(v: Mapping[str, Any], name: str) -> int | None:
+    return _checked(check_positive_int, v, name)
+
+
+def _opt_float(v: Mapping[str, Any], name: str) -> float | None:
+    return _checked(check_positive_float, v, name)
 
 
 def _bool(v: Mapping[str, Any], name: str, default: bool) -> bool:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from randfeat.checks import check_int
 from randfeat.eval.data import Digits, digits
 
 __all__ = ["DigitsCNN", "default_cache_dir", "digits_cnn"]
@@ -78,8 +79,7 @@ class DigitsCNN(nn.Module):
 
     def __init__(self, classes: int = 10, *, generator: torch.Generator | None = None) -> None:
         super().__init__()
-        if isinstance(classes, bool) or not isinstance(classes, int) or classes < 2:
-            raise ValueError(f"Expected argument `classes` to be an int >= 2, but got {classes!r}.")
+        check_int(classes, "classes", low=2)
         # Built on the meta device and initialised by `reset_parameters`, so construction draws
         # random numbers from `generator` only (the global RNG is untouched when one is given).
         meta = torch.device("meta")

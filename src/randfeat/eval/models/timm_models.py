@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from randfeat.checks import check_optional, check_positive_int
+
 __all__ = ["Normalize", "Preprocessed", "load_timm"]
 
 
@@ -137,13 +139,7 @@ def load_timm(
         RuntimeError: `checkpoint` is unreadable or does not fit the model.
     """
     timm = _require_timm()
-    if num_classes is not None and (
-        isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1
-    ):
-        raise ValueError(
-            f"Expected argument `num_classes` to be a positive int or None, but got "
-            f"{num_classes!r}."
-        )
+    check_optional(check_positive_int, num_classes, "num_classes")
     known = timm.list_models()
     # timm also accepts "arch.tag" names (e.g. "vit_base_patch16_224.augreg_in21k").
     if not isinstance(name, str) or name.split(".")[0] not in known:
