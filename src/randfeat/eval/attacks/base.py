@@ -25,7 +25,14 @@ from randfeat.checks import (
 )
 from randfeat.eval.oracle import AttackResult, Model, Norm, Oracle, Output, distance
 
-__all__ = ["Attack", "OracleAttack", "linf_bounds", "make_generator", "project"]
+__all__ = [
+    "Attack",
+    "FarthestInBall",
+    "OracleAttack",
+    "linf_bounds",
+    "make_generator",
+    "project",
+]
 
 
 def make_generator(seed: int | torch.Generator | None, device: torch.device) -> torch.Generator:
@@ -89,6 +96,48 @@ def project(x: Tensor, x0: Tensor, eps: float, norm: Norm) -> Tensor:
             return out
         shrink = torch.where(over, 2 * shrink, shrink)
     return torch.where(over.view(shape), x0, out)  # unreachable in practice: fall back to x0
+
+
+class FarthestInBall:
+    """Per sample, the queried point inside the ε-ball that lies farthest from `x0`.
+
+    A decision attack's iterate is misclassified but usually outside the ball; for a sample it
+    does not fool, it returns the most perturbed point it actually queried inside the ball (the
+    one its search brought closest to the boundary), so that the returned point's label was seen
+    by the attack: on a deterministic model, judging it afresh gives what the query gave. `x0`
+    itself while no query fell inside the ball. The ball test is the oracle's (float64 distance
+    `<= eps`); a cheap test in the points' dtype screens out the points far outside first.
+
+    Args:
+        x0: `[N, ...]` clean images.
+        eps: the radius.
+        norm: `"linf"` or `"l2"`.
+    """
+
+    def __init__(self, x0: Tensor, eps: float, norm: Norm) -> None:
+        self.x0, self.eps, self.norm = x0, eps, norm
+        self.best = x0.clone()
+        self.dist = torch.full((x0.shape[0],), -1.0, dtype=torch.float64, device=x0.device)
+        self._screen = eps * (1 + 1e-3)  # above any rounding of the dtype's distance
+
+    def offer(self, x: Tensor, idx: Tensor) -> None:
+        """Record the queried points `x: [n, ...]` of the distinct samples `idx: [n]`."""
+        delta = (x - self.x0[idx]).flatten(1)
+        near = delta.abs().amax(dim=1) if self.norm == "linf" else delta.norm(dim=1)
+        rows = (near <= self._screen).nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return
+        d = distance(x[rows], self.x0[idx[rows]], self.norm)
+        keep = (d <= self.eps) & (d > self.dist[idx[rows]])
+        rows, d = rows[keep], d[keep]
+        self.dist[idx[rows]] = d
+        self.best[idx[rows]] = x[rows].to(self.best.dtype)
+
+    def labels(self, oracle: Oracle, x: Tensor, idx: Tensor) -> Tensor:
+        """`oracle.labels(x, idx)`, noting the queried points that fall inside the ball."""
+        out = oracle.labels(x, idx)
+        self.offer(x, idx)
+        return out
 
 
 class Attack(ABC):

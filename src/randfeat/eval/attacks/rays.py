@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from randfeat.checks import check_positive_float
-from randfeat.eval.attacks.base import OracleAttack, project
+from randfeat.eval.attacks.base import FarthestInBall, OracleAttack
 from randfeat.eval.oracle import Oracle, Output
 
 __all__ = ["RayS"]
@@ -217,8 +217,12 @@ class RayS(OracleAttack):
       to measure boundary distances); the oracle may detect it in the middle of a bisection, i.e.
       a few queries before the official check after the whole bisection.
     * The official batched code charges a bisection in full even past the query limit; here a
-      sample stops the moment its budget is spent (an unfinished bisection's adversarial end is
-      still used for the returned point).
+      sample stops the moment its budget is spent.
+    * For an image it does not fool, RayS returns the point it queried inside the ε-ball that lies
+      farthest from `x0` ([FarthestInBall][randfeat.eval.attacks.base.FarthestInBall]; `x0` when
+      none was). The official code returns its best adversarial point, outside the ball; its
+      projection onto the ball was never queried, so "verified" and "fresh" could disagree on a
+      deterministic model.
     * Each sample keeps its own block counter, so the order of candidates per sample is the
       official one although samples reach them at different steps.
     * Untargeted only.
@@ -252,6 +256,7 @@ class RayS(OracleAttack):
         x0 = oracle.x0
         shape = x0.shape
         search = RaySearch(x0.flatten(1), self.tol)
+        seen = FarthestInBall(x0, self.eps, "linf")
         steps = 0
         while True:
             active = oracle.active(1)
@@ -259,11 +264,10 @@ class RayS(OracleAttack):
                 break
             idx = active.nonzero().squeeze(1)
             points = search.propose(idx)
-            labels = oracle.labels(points.view(-1, *shape[1:]), idx)
+            labels = seen.labels(oracle, points.view(-1, *shape[1:]), idx)
             search.update(idx, labels != oracle.y[idx])
             steps += 1
         if _log.isEnabledFor(logging.DEBUG):
             linf = (search.r_best / search.sqrt_dim).clamp(max=1.0)
             _log.debug("RayS: %d steps, mean best l-inf radius %.4f", steps, float(linf.mean()))
-        x_last = search.best_point().view(shape)
-        return project(x_last, x0, self.eps, "linf")
+        return seen.best  # queried in the ball; the oracle returns the fooling point if any

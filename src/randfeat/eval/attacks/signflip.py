@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from randfeat.checks import check_float, check_int, check_positive_float
-from randfeat.eval.attacks.base import OracleAttack, project
+from randfeat.eval.attacks.base import FarthestInBall, OracleAttack
 from randfeat.eval.oracle import Oracle, Output
 
 __all__ = ["SignFlip"]
@@ -121,8 +121,10 @@ class SignFlip(OracleAttack):
     * With a randomized model, a single query's label is noisy; decisions (accepting a step, the
       binary search, the initial noise) still use that one label, as in the official code.
 
-    The returned last iterate of an unsuccessful image is `x0 + δ` projected onto the ε-ball and
-    `[0, 1]` (usually no longer misclassified), as the result contract requires.
+    For an image it does not fool, the attack returns the point it queried inside the ε-ball that
+    lies farthest from `x0` ([FarthestInBall][randfeat.eval.attacks.base.FarthestInBall]; `x0`
+    when none was), not `x0 + δ` projected onto the ball, which it never queried: so "verified"
+    and "fresh" agree on a deterministic model.
 
     Args:
         eps: ℓ∞ radius ε of the threat ball, on the `[0, 1]` scale.
@@ -177,12 +179,13 @@ class SignFlip(OracleAttack):
                 f"Expected argument `resize_factor` to be <= min(H, W) = {min(h, w)}, but got "
                 f"{self.resize_factor!r}."
             )
-        x_a, found = self._init_noise(oracle, generator)
-        radius = self._binary_search(oracle, x_a, found)
+        seen = FarthestInBall(x0, self.eps, "linf")
+        x_a, found = self._init_noise(oracle, seen, generator)
+        radius = self._binary_search(oracle, seen, x_a, found)
         delta = torch.where(
             found.view(-1, 1, 1, 1), _project_radius(x_a, x0, radius) - x0, torch.zeros_like(x0)
         )
-        delta = self._sign_flip(oracle, generator, delta, found, (h_dr, w_dr))
+        self._sign_flip(oracle, seen, generator, delta, found, (h_dr, w_dr))
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "SignFlip: %d/%d verified successes, %d without an adversarial start",
@@ -190,9 +193,11 @@ class SignFlip(OracleAttack):
                 n,
                 int((~found).sum()),
             )
-        return project(x0 + delta, x0, self.eps, "linf")
+        return seen.best  # queried in the ball; the oracle returns the fooling point if any
 
-    def _init_noise(self, oracle: Oracle, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def _init_noise(
+        self, oracle: Oracle, seen: FarthestInBall, generator: torch.Generator
+    ) -> tuple[Tensor, Tensor]:
         """Uniform noise redrawn until misclassified: `x_a [N, C, H, W]`, `found [N]` bool.
 
         Every draw is a charged query (the official code charges none of them).
@@ -209,10 +214,12 @@ class SignFlip(OracleAttack):
                 (idx.shape[0], *x0.shape[1:]), generator=generator, dtype=x0.dtype, device=x0.device
             )
             x_a[idx] = noise
-            found[idx] = oracle.labels(noise, idx) != y[idx]
+            found[idx] = seen.labels(oracle, noise, idx) != y[idx]
         return x_a, found
 
-    def _binary_search(self, oracle: Oracle, x_a: Tensor, found: Tensor) -> Tensor:
+    def _binary_search(
+        self, oracle: Oracle, seen: FarthestInBall, x_a: Tensor, found: Tensor
+    ) -> Tensor:
         """ℓ∞ binary search of the radius `u [N]` between 0 and `||x_a - x0||_∞` (official).
 
         The point tested at radius `mid` is `x_a` projected onto the ball of that radius; `u`
@@ -227,7 +234,7 @@ class SignFlip(OracleAttack):
                 break
             idx = act.nonzero().squeeze(1)
             mid = (lo[idx] + hi[idx]) / 2
-            adv = oracle.labels(_project_radius(x_a[idx], x0[idx], mid), idx) != y[idx]
+            adv = seen.labels(oracle, _project_radius(x_a[idx], x0[idx], mid), idx) != y[idx]
             hi[idx] = torch.where(adv, mid, hi[idx])
             lo[idx] = torch.where(adv, lo[idx], mid)
         return hi
@@ -235,6 +242,7 @@ class SignFlip(OracleAttack):
     def _sign_flip(
         self,
         oracle: Oracle,
+        seen: FarthestInBall,
         generator: torch.Generator,
         delta: Tensor,
         found: Tensor,
@@ -264,7 +272,7 @@ class SignFlip(OracleAttack):
             radius = (d.abs().flatten(1).amax(dim=1) - alpha[idx]).clamp_min(0.0)
             r = radius.view(-1, 1, 1, 1)
             d_p = torch.minimum(torch.maximum(d + eta, -r), r)
-            ok = oracle.labels((x0[idx] + d_p).clamp(0.0, 1.0), idx) != y[idx]
+            ok = seen.labels(oracle, (x0[idx] + d_p).clamp(0.0, 1.0), idx) != y[idx]
             delta[idx] = torch.where(ok.view(-1, 1, 1, 1), d_p, d)
             proj_hits[idx] += ok.long()
             steps[idx] += 1
@@ -276,7 +284,7 @@ class SignFlip(OracleAttack):
                 s = torch.bernoulli(prob[jdx], generator=generator) * 2 - 1
                 d = delta[jdx]
                 d_s = d * _upsample(s, size).sign()
-                ok = oracle.labels((x0[jdx] + d_s).clamp(0.0, 1.0), jdx) != y[jdx]
+                ok = seen.labels(oracle, (x0[jdx] + d_s).clamp(0.0, 1.0), jdx) != y[jdx]
                 okv = ok.view(-1, 1, 1, 1)
                 # an accepted flip makes kept entries likelier to flip next, flipped ones less.
                 prob[jdx] = torch.where(okv, prob[jdx] - s * PROB_STEP, prob[jdx]).clamp(
