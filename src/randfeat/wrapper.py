@@ -345,11 +345,17 @@ class RandomizedFeatureWrapper(nn.Module):
         reduce: Literal["vote", "mean"] = "vote",
         batch_size: int | None = None,
     ) -> Tensor:
-        """The randomized model's prediction (Definition 1, appendix D.4): `[N]` int64 labels.
+        """A label for each image from `votes` noisy forwards: `[N]` int64 labels.
 
-        `reduce="vote"` returns the label most of `votes` independent noisy forwards give, ties
-        broken toward the class with the higher mean logit; `reduce="mean"` returns the argmax of
-        the mean logits. No Python loop over samples.
+        `reduce="vote"` returns the plurality label, the one most of `votes` independent noisy
+        forwards give, ties broken toward the class with the higher mean logit; `reduce="mean"`
+        returns the argmax of the mean logits. No Python loop over samples.
+
+        This is a label predictor, not the robustness criterion. Whether a point fools the
+        randomized model is decided by the judging rule of Definition 1 and appendix D.4
+        (`randfeat.eval.oracle.fooled`): a strict majority of `votes` forwards misclassify it.
+        With more than two classes the two differ: 9 votes split 4 (the true class) / 3 / 2 give
+        the true class here, yet the point fools the model (5 of the 9 forwards are wrong).
 
         Raises:
             ValueError: `votes < 1`, an unknown `reduce`, or outputs that are not `[N, K]`.

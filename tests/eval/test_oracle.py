@@ -9,8 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import randfeat
 from randfeat.eval.attacks.base import linf_bounds, project
-from randfeat.eval.oracle import AttackResult, Oracle, _binom_majority, distance, rejudge
+from randfeat.eval.oracle import AttackResult, Oracle, count_wrong, distance, fooled, rejudge
+from randfeat.eval.records import CleanRow
 from randfeat.losses import margin_loss as margin
 
 
@@ -166,12 +168,77 @@ def test_result_and_curves() -> None:
     assert r.robust_curve(torch.tensor([0, 3, 10])).tolist() == [1.0, 0.75, 0.5]
 
 
-def test_binomial_majority_and_rejudge() -> None:
-    p = torch.tensor([0.0, 0.5, 1.0, 0.3], dtype=torch.float64)
-    maj = _binom_majority(p, 9)
-    assert maj[0] == 0 and maj[2] == 1 and abs(maj[1].item() - 0.5) < 1e-12
-    exact = sum(math.comb(9, k) * 0.3**k * 0.7 ** (9 - k) for k in range(5, 10))
-    assert abs(maj[3].item() - exact) < 1e-12
+class Scripted(torch.nn.Module):
+    """Row `i` of all calls so far gets class `seq[i % len(seq)]`: a deterministic stand-in for
+    the noise of a randomized model, to script how the votes on one point split."""
+
+    def __init__(self, seq: list[int], classes: int = 3) -> None:
+        super().__init__()
+        self.seq, self.classes, self.rows = seq, classes, 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0]
+        cls = torch.tensor([self.seq[(self.rows + j) % len(self.seq)] for j in range(n)])
+        self.rows += n
+        return torch.nn.functional.one_hot(cls, self.classes).float()
+
+
+SPLIT_4_3_2 = [0, 0, 0, 0, 1, 1, 1, 2, 2]  # the true class 0 has the most votes, 5 of 9 are wrong
+
+
+def test_the_rule() -> None:
+    assert [fooled(k, 9) for k in range(10)] == [False] * 5 + [True] * 5
+    # ties: half the votes wrong is not a strict majority
+    assert (fooled(2, 4), fooled(3, 4), fooled(1, 2), fooled(0, 1), fooled(1, 1)) == (
+        False,
+        True,
+        False,
+        False,
+        True,
+    )
+    assert fooled(torch.tensor([4, 5]), 9).tolist() == [False, True]
+
+
+def test_a_4_3_2_split_fools_the_model_everywhere() -> None:
+    """Votes 4 (true class) / 3 / 2: the plurality label is right, but the point fools the
+    model by the judging rule, for the clean rows, the oracle and `rejudge` alike."""
+    x = torch.full((1, 1, 2, 2), 0.5)
+    y = torch.zeros(1, dtype=torch.long)
+    wrapper = randfeat.wrap(Scripted(SPLIT_4_3_2), layers="input", nu=0.0)
+    assert wrapper.predict(x, votes=9).tolist() == [0]  # a label predictor: the plurality
+    # the clean row: count the wrong votes at the clean image, judge by the rule
+    wrong = count_wrong(Scripted(SPLIT_4_3_2), x, y, votes=9)
+    assert wrong.tolist() == [5] and fooled(wrong, 9).tolist() == [True]
+    row = CleanRow(0, 0, "feature@0.02", votes=9, wrong_votes=5, chunk=0, seconds=0.0)
+    assert row.correct is False
+    # the oracle at the clean point: one wrong query, then the 9 votes of the split
+    oracle = Oracle(Scripted([1, *SPLIT_4_3_2]), x, y, budget=3, eps=0.1, norm="linf", votes=9)
+    oracle.labels(x, torch.tensor([0]))
+    assert oracle.success.tolist() == [True] and oracle.verify_forwards.tolist() == [9]
+    # rejudge: p = 5/9 exactly from 9 forwards, then P[the rule says fooled with 9 new votes]
+    fresh = rejudge(Scripted(SPLIT_4_3_2), x, y, votes=9, forwards=9)
+    p = 5 / 9
+    assert fresh.item() == pytest.approx(
+        sum(math.comb(9, k) * p**k * (1 - p) ** (9 - k) for k in range(5, 10)), abs=1e-12
+    )
+
+
+def test_ties_do_not_fool() -> None:
+    x = torch.full((1, 1, 2, 2), 0.5)
+    y = torch.zeros(1, dtype=torch.long)
+    assert CleanRow(0, 0, "input@0.02", votes=4, wrong_votes=2, chunk=0, seconds=0.0).correct
+    tie = Oracle(Scripted([1, 0, 0, 1, 1]), x, y, budget=3, eps=0.1, norm="linf", votes=4)
+    tie.labels(x, torch.tensor([0]))
+    assert tie.success.tolist() == [False]  # 2 of 4 wrong
+    more = Oracle(Scripted([1, 0, 1, 1, 1]), x, y, budget=3, eps=0.1, norm="linf", votes=4)
+    more.labels(x, torch.tensor([0]))
+    assert more.success.tolist() == [True]  # 3 of 4 wrong
+    # p = 1/2 exactly: P[Bin(4, 1/2) >= 3] = 5/16, the tie (6/16) does not count
+    fresh = rejudge(Scripted([0, 1]), x, y, votes=4, forwards=4)
+    assert fresh.item() == pytest.approx(5 / 16, abs=1e-12)
+
+
+def test_rejudge_on_a_deterministic_model() -> None:
     m = Counting()
     x = torch.full((2, 1, 2, 2), 0.4)
     x[1, 0, 0, 0] = 0.9

@@ -145,7 +145,7 @@ def test_row_round_trip(
         image, 3, "base", "rays", 100, 0.2, "linf", success, queries, -1, 0, fresh, 0.1, 0, seconds
     )
     assert row_from_json(row.to_json()) == row
-    clean = CleanRow(image, 3, "base", 3, True, 0, seconds)
+    clean = CleanRow(image, 3, "base", 9, 4, 0, seconds)
     assert row_from_json(clean.to_json()) == clean
     assert row.unit == Unit("attack", "base", "rays", 100, 0)
     assert clean.unit == Unit("clean", "base", None, None, 0)
@@ -172,9 +172,11 @@ def test_bad_rows_are_named(change: dict[str, object], message: str) -> None:
 
 
 def test_missing_fields_are_named() -> None:
-    data = CleanRow(3, 3, "base", 3, True, 0, 1.0).to_json()
-    del data["pred"], data["seconds"]
-    with pytest.raises(ReportError, match=r"The clean record lacks field\(s\) pred, seconds"):
+    data = CleanRow(3, 3, "base", 9, 4, 0, 1.0).to_json()
+    del data["wrong_votes"], data["seconds"]
+    with pytest.raises(
+        ReportError, match=r"The clean record lacks field\(s\) seconds, wrong_votes"
+    ):
         row_from_json(data)
 
 

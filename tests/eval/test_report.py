@@ -103,8 +103,8 @@ def _clean(defense: str, correct: list[bool]) -> list[dict[str, Any]]:
             "image": img,
             "label": img % 10,
             "defense": defense,
-            "pred": img % 10 if ok else 0,
-            "correct": ok,
+            "votes": 9,
+            "wrong_votes": 2 if ok else 5,  # 5 of 9 wrong: fooled at the clean image
             "chunk": 0,
             "seconds": 0.1,
         }
@@ -320,7 +320,7 @@ def test_incomplete_rows_are_marked() -> None:
 def test_repeated_rows_are_refused_and_named(tmp_path: Path, capsys: Any) -> None:
     header, rows = _grid()
     rows.append({**rows[-1], "success": True, "success_query": 1})  # image 55, feature, rays
-    rows.append({**rows[0], "correct": False})  # image 11, base, clean
+    rows.append({**rows[0], "wrong_votes": 9})  # image 11, base, clean
     with pytest.raises(ReportError) as err:
         table_of(header, rows)
     msg = str(err.value)

@@ -129,7 +129,7 @@ def test_the_same_command_twice_on_one_file(
 
 
 def test_duplicate_rows_are_named() -> None:
-    clean = CleanRow(7, 1, "base", 1, True, 0, 0.1)
+    clean = CleanRow(7, 1, "base", 1, 0, 0, 0.1)
     attack = AttackRow(7, 1, "base", "rays", 20, 0.2, "linf", False, 20, -1, 0, 0.0, 0.2, 0, 1.0)
     other = AttackRow(7, 1, "base", "rays", 50, 0.2, "linf", False, 50, -1, 0, 0.0, 0.2, 0, 1.0)
     assert duplicate_rows([clean, attack, other]) == []
@@ -144,7 +144,7 @@ def test_the_damaged_last_line_rule(
 ) -> None:
     """Only a last line without its newline is an unfinished write; the reader and the writer
     apply the same rule."""
-    row = CleanRow(7, 1, "base", 1, True, 0, 0.1)
+    row = CleanRow(7, 1, "base", 1, 0, 0, 0.1)
     header_line = json.dumps(sample_header.to_json())
     path = tmp_path / "r.jsonl"
     whole = header_line + "\n" + json.dumps(row.to_json()) + "\n"
@@ -159,3 +159,17 @@ def test_the_damaged_last_line_rule(
         read_results(path)
     with pytest.raises(ReportError, match="line 3: not valid JSON"):
         ResultWriter(path).existing(json.loads(header_line)["config"])
+
+
+def test_format_version_1_is_refused_with_the_fix(tmp_path: Path, sample_header: Header) -> None:
+    """Version 1 recorded the plurality vote of the clean images; its rows cannot be re-judged."""
+    old = {**sample_header.to_json(), "format_version": 1}
+    clean_v1 = {"type": "clean", "image": 3, "label": 1, "defense": "base", "pred": 1}
+    path = tmp_path / "v1.jsonl"
+    path.write_text(json.dumps(old) + "\n" + json.dumps({**clean_v1, "correct": True}) + "\n")
+    for read in (read_results, lambda p: ResultWriter(p).existing(old["config"])):
+        with pytest.raises(ReportError) as err:
+            read(path)
+        msg = str(err.value)
+        assert "version 1 (version 1 judged clean images by a plurality of votes" in msg
+        assert "reads 'randfeat-eval' version 2" in msg and "Rerun `randfeat eval`" in msg

@@ -220,8 +220,8 @@ def _summary(header: Header, rows: Sequence[Row]) -> str:
         ]
         n = len(next(iter(clean.values())))
         lines.append(
-            f"Clean accuracy on the {n} attacked digits (majority of {header.setting('votes')} "
-            f"votes): {', '.join(parts)}."
+            f"Clean accuracy on the {n} attacked digits (correct unless a strict majority of "
+            f"{header.setting('votes')} votes is wrong): {', '.join(parts)}."
         )
     return "\n".join(lines) + "\n\n"
 

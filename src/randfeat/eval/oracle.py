@@ -9,12 +9,17 @@ or predicted labels (decision-based attacks). The oracle
   be queried again after it has succeeded;
 * splits forwards into batches of `batch_size` and runs them under `torch.no_grad`;
 * decides success as the paper does (Definition 1 and appendix D.4): when a queried point inside
-  the ε-ball says "misclassified", the point is verified with `votes` extra forwards, which are not
-  charged as queries but are counted in `Oracle.verify_forwards`; success needs a strict
-  majority of misclassified votes. `votes=1` is the "lucky attack" setting (Table 15): the query
-  itself decides.
+  the ε-ball says "misclassified", the point is judged with `votes` extra forwards, which are not
+  charged as queries but are counted in `Oracle.verify_forwards`. `votes=1` is the "lucky attack"
+  setting (Table 15): the query itself decides.
 
 Queries count for every forward an attack sees; only the D.4 verification is free.
+
+**The judging rule** lives here, in one function, [fooled][randfeat.eval.oracle.fooled]: a point
+fools the randomized model when a strict majority of `votes` applications misclassify it. The
+oracle's verification, [rejudge][randfeat.eval.oracle.rejudge], the clean rows of `randfeat eval`
+([count_wrong][randfeat.eval.oracle.count_wrong]: a clean image is correct when it does not fool
+the model at its own clean point) and the report all apply it.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -40,7 +45,9 @@ __all__ = [
     "Norm",
     "Oracle",
     "Output",
+    "count_wrong",
     "distance",
+    "fooled",
     "rejudge",
     "robust_accuracy_curve",
 ]
@@ -52,6 +59,54 @@ def distance(x: Tensor, x0: Tensor, norm: Norm) -> Tensor:
     if norm == "linf":
         return d.abs().amax(dim=1)
     return d.norm(dim=1)
+
+
+@overload
+def fooled(wrong: int, votes: int) -> bool: ...
+@overload
+def fooled(wrong: Tensor, votes: int) -> Tensor: ...
+def fooled(wrong: int | Tensor, votes: int) -> bool | Tensor:
+    """The judging rule (Definition 1, appendix D.4): is a point a fooling point?
+
+    A point fools the randomized model when a strict majority of `votes` independent applications
+    of the model misclassify it: $2 \\cdot \text{wrong} > \text{votes}$. With 9 votes and three
+    classes, votes split 4 (the true class) / 3 / 2 fool the model (5 of 9 are wrong), although the
+    true class has the most votes; an even split (2 of 4) does not.
+
+    Args:
+        wrong: how many of the `votes` applications misclassified the point (an int or a tensor).
+        votes: the number of applications.
+
+    Returns:
+        Whether the point fools the model (a bool, or a bool tensor like `wrong`).
+
+    Examples:
+        >>> fooled(5, 9), fooled(4, 9), fooled(2, 4), fooled(3, 4)
+        (True, False, False, True)
+    """
+    return 2 * wrong > votes
+
+
+def count_wrong(
+    model: Model, x: Tensor, y: Tensor, *, votes: int, batch_size: int | None = None
+) -> Tensor:
+    """How many of `votes` independent forwards misclassify each point: `[N]` int64.
+
+    `fooled(count_wrong(model, x, y, votes=votes), votes)` judges the points `x: [N, C, H, W]`
+    by the rule; at the clean images it says which ones the model gets wrong (a clean image is
+    correct when it is not fooled at its own clean point). The forwards run as
+    `x.repeat_interleave(votes)`, at most `batch_size` rows per call.
+
+    Raises:
+        ValueError: `votes < 1` (or TypeError on a wrong type).
+    """
+    check_positive_int(votes, "votes")
+    n = x.shape[0]
+    rep = x.repeat_interleave(votes, dim=0) if votes > 1 else x
+    out = _forward(model, rep, batch_size or rep.shape[0])
+    pred = out if out.ndim == 1 else out.argmax(dim=1)
+    wrong = pred != y.to(pred.device).repeat_interleave(votes)
+    return wrong.view(n, votes).sum(dim=1)
 
 
 def _forward(model: Model, x: Tensor, batch_size: int) -> Tensor:
@@ -295,18 +350,18 @@ class Oracle:
         rows = first[first < x.shape[0]]
         samp = idx[rows]
         pts = x[rows]
-        if self.votes == 1:
-            fooled = torch.ones(rows.shape[0], dtype=torch.bool, device=x.device)
+        if self.votes == 1:  # the query itself is the one vote, and it was wrong
+            won_rows = torch.ones(rows.shape[0], dtype=torch.bool, device=x.device)
         else:
             votes = self._raw(pts.repeat_interleave(self.votes, dim=0))
             wrong = self._predict(votes) != self.y[samp].repeat_interleave(self.votes)
-            fooled = 2 * wrong.view(-1, self.votes).sum(dim=1) > self.votes
+            won_rows = fooled(wrong.view(-1, self.votes).sum(dim=1), self.votes)
             self.verify_forwards.index_add_(0, samp, torch.full_like(samp, self.votes))
-        won = samp[fooled]
+        won = samp[won_rows]
         self.n_succeeded += int(won.numel())
         self.success[won] = True
         self.success_query[won] = self.queries[won]
-        self.x_success[won] = pts[fooled].to(self.x_success.dtype)
+        self.x_success[won] = pts[won_rows].to(self.x_success.dtype)
 
     def result(self, x_last: Tensor) -> AttackResult:
         """Package the run: verified points where successful, `x_last` elsewhere."""
@@ -323,12 +378,14 @@ class Oracle:
         )
 
 
-def _binom_majority(p: Tensor, votes: int) -> Tensor:
-    """P[Binomial(votes, p) > votes / 2], elementwise (float64)."""
+def _fooling_probability(p: Tensor, votes: int) -> Tensor:
+    """P[a point is fooled by the rule], when each of `votes` forwards is wrong with probability
+    `p`: the sum of $\binom{v}{k} p^k (1-p)^{v-k}$ over the `k` that `fooled` accepts (float64)."""
     p = p.double()
     out = torch.zeros_like(p)
-    for k in range(votes // 2 + 1, votes + 1):
-        out += math.comb(votes, k) * p.pow(k) * (1 - p).pow(votes - k)
+    for k in range(votes + 1):
+        if fooled(k, votes):
+            out += math.comb(votes, k) * p.pow(k) * (1 - p).pow(votes - k)
     return out
 
 
@@ -341,22 +398,21 @@ def rejudge(
     forwards: int = 100,
     batch_size: int | None = None,
 ) -> Tensor:
-    """Judge points afresh: the probability that a new majority of `votes` forwards is fooled.
+    """Judge points afresh: the probability that the judging rule says "fooled" with new votes.
 
     The first verified success of an attack is biased toward lucky draws (the attack stops at the
     first point where `votes` draws happened to say "fooled"). This estimates, from `forwards`
-    independent forwards per point, `p = P[argmax f_rand(x_adv) != y]` and returns
-    `P[Binomial(votes, p) > votes / 2]` per sample (`[N]`, float64). Its mean over samples is the
-    expected fooling rate under a fresh verification.
+    independent forwards per point, $p = P[\arg\\max f_{\text{rand}}(x_{\text{adv}}) \ne y]$ and
+    returns the probability that [fooled][randfeat.eval.oracle.fooled] accepts `votes` new
+    forwards, $P[2 \\cdot \text{Bin}(\text{votes}, p) > \text{votes}]$, per sample (`[N]`,
+    float64). Its mean over samples is the expected fooling rate under a fresh verification.
     """
-    if forwards < 1:
-        raise ValueError(f"Expected argument `forwards` to be >= 1, got {forwards}.")
-    if votes < 1:
-        raise ValueError(f"Expected argument `votes` to be >= 1, got {votes}.")
+    check_positive_int(forwards, "forwards")
+    check_positive_int(votes, "votes")
     n = x_adv.shape[0]
     bs = batch_size or max(1, n * 10)
     out = _forward(model, x_adv.repeat_interleave(forwards, dim=0), bs)
     pred = out if out.ndim == 1 else out.argmax(dim=1)
     wrong = (pred != y.to(pred.device).repeat_interleave(forwards)).view(n, forwards)
     p = wrong.double().mean(dim=1)
-    return _binom_majority(p, votes)
+    return _fooling_probability(p, votes)

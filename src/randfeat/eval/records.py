@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal, TypeVar, Union, get_args, get_origin
 
 from randfeat.eval.errors import ReportError
+from randfeat.eval.oracle import fooled
 
 __all__ = [
     "AttackInfo",
@@ -347,14 +348,19 @@ class Unit:
 
 @dataclass(frozen=True)
 class CleanRow(_Record):
-    """One attacked image under one defense, without attack.
+    """One attacked image under one defense, without attack: is the clean image fooled?
+
+    The image is correct when it does not fool the model at its own clean point: when no strict
+    majority of the `votes` forwards misclassify it ([fooled][randfeat.eval.oracle.fooled], the
+    rule the attacks are judged by). `correct` is that verdict, derived from the two counts.
 
     Attributes:
         image: dataset index.
         label: true label.
         defense: defense name.
-        pred: predicted label (for a randomized defense the plurality of `votes` forwards).
-        correct: `pred == label`.
+        votes: forwards that judged the clean image (the run's `votes` for a randomized defense,
+            1 for a deterministic one).
+        wrong_votes: how many of them misclassified it.
         chunk: the chunk of the unit that wrote the row.
         seconds: wall time of the whole unit (a timing field).
     """
@@ -364,10 +370,15 @@ class CleanRow(_Record):
     image: int
     label: int
     defense: str
-    pred: int
-    correct: bool
+    votes: int
+    wrong_votes: int
     chunk: int
     seconds: float
+
+    @property
+    def correct(self) -> bool:
+        """The clean image is not fooled: `not fooled(wrong_votes, votes)`."""
+        return not fooled(self.wrong_votes, self.votes)
 
     @property
     def unit(self) -> Unit:

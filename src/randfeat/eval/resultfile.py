@@ -54,8 +54,13 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "randfeat-eval"
 """The `format` of every result file's header."""
-FORMAT_VERSION = 1
-"""The layout version this randfeat reads and writes."""
+FORMAT_VERSION = 2
+"""The layout version this randfeat reads and writes. Version 2 judges clean images by the judging
+rule (`wrong_votes` of `votes`); version 1 recorded the plurality vote (`pred`)."""
+
+_OLD_VERSIONS = {
+    1: "version 1 judged clean images by a plurality of votes, not by the judging rule",
+}
 TIMING_FIELDS = frozenset({"seconds", "wall_time_s"})
 """Fields that vary between identical runs (wall-clock time); leave them out when comparing."""
 NON_RESULT_SETTINGS = frozenset({"quiet", "out", "device", "preset"})
@@ -137,10 +142,12 @@ def _check_format(header: Mapping[str, object], path: Path) -> None:
         )
     fmt, version = header.get("format"), header.get("format_version")
     if fmt != FORMAT or version != FORMAT_VERSION:
+        old = fmt == FORMAT and isinstance(version, int) and version in _OLD_VERSIONS
+        why = f" ({_OLD_VERSIONS[version]})" if old else ""  # type: ignore[index]
         raise ReportError(
-            f"Result file {str(path)!r} has format {fmt!r} version {version!r}; this randfeat "
-            f"reads {FORMAT!r} version {FORMAT_VERSION}. Rerun `randfeat eval` with the file's "
-            "settings into a new --out (or read it with the randfeat that wrote it)."
+            f"Result file {str(path)!r} has format {fmt!r} version {version!r}{why}; this "
+            f"randfeat reads {FORMAT!r} version {FORMAT_VERSION}. Rerun `randfeat eval` with the "
+            "file's settings into a new --out (or read it with the randfeat that wrote it)."
         )
 
 

@@ -23,7 +23,7 @@ from randfeat.eval.attacks.base import Attack
 from randfeat.eval.attacks.registry import ATTACKS
 from randfeat.eval.defenses import AAA
 from randfeat.eval.grid.config import SERVED, EvalConfig, derive_seed
-from randfeat.eval.oracle import Model, distance, rejudge
+from randfeat.eval.oracle import Model, count_wrong, distance, rejudge
 from randfeat.eval.records import AttackRow, CalibratedDefense, CleanRow, Header, Row, Unit
 from randfeat.eval.remote import HTTPModel
 from randfeat.wrapper import RandomizedFeatureWrapper, wrap
@@ -120,16 +120,6 @@ def _randomized(model: Model) -> bool:
     return isinstance(model, RandomizedFeatureWrapper)
 
 
-def _majority(model: Model, x: Tensor, votes: int, forward_batch: int) -> Tensor:
-    """The label most of `votes` forwards give each image (ties: the smallest label), `[N]`."""
-    rep = x.repeat_interleave(votes, dim=0)
-    out = torch.cat([model(c) for c in rep.split(forward_batch)])
-    labels = out if out.ndim == 1 else out.argmax(dim=1)
-    counts = torch.zeros(x.shape[0], int(labels.max()) + 1, dtype=torch.long, device=labels.device)
-    counts.scatter_add_(1, labels.view(-1, votes), torch.ones_like(labels.view(-1, votes)))
-    return counts.argmax(dim=1)
-
-
 def _run_unit(ctx: UnitRunner, unit: Unit) -> list[Row]:
     """One unit: the clean predictions or one attack on one chunk; its rows in chunk order.
 
@@ -144,26 +134,21 @@ def _run_unit(ctx: UnitRunner, unit: Unit) -> list[Row]:
     _reseed(model, derive_seed(cfg.seed, "noise", *parts))
     labels = y.tolist()
     if unit.kind == "clean":
-        with torch.no_grad():
-            if isinstance(model, RandomizedFeatureWrapper):
-                pred = model.predict(x, votes=cfg.votes, batch_size=cfg.forward_batch)
-            elif randomized:  # a defended served model: the majority of its answers
-                pred = _majority(model, x, cfg.votes, cfg.forward_batch)
-            else:
-                outs = [model(c) for c in x.split(cfg.forward_batch)]  # scores, or labels
-                pred = torch.cat([o if o.ndim == 1 else o.argmax(dim=1) for o in outs])
+        # The judging rule at the clean image; a deterministic defense needs one forward.
+        votes = cfg.votes if randomized else 1
+        wrong = count_wrong(model, x, y, votes=votes, batch_size=cfg.forward_batch)
         seconds = time.perf_counter() - t0
         return [
             CleanRow(
                 image=img,
                 label=lab,
                 defense=unit.defense,
-                pred=p,
-                correct=p == lab,
+                votes=votes,
+                wrong_votes=w,
                 chunk=unit.chunk,
                 seconds=seconds,
             )
-            for img, lab, p in zip(images, labels, pred.tolist(), strict=True)
+            for img, lab, w in zip(images, labels, wrong.tolist(), strict=True)
         ]
     attack = ctx.attacks[str(unit.attack)]
     res = attack.run(

@@ -317,8 +317,9 @@ def _table(
         f"probability that a new majority of {votes} votes is fooled at the returned point.",
         "Acc: clean accuracy (%) on the calibration images (a randomized defense: mean over noise "
         "draws); Drop: achieved drop in points; ν: noise variance (Input: on pixels in [0, 1]; "
-        "Feature: on the perturbed features); Clean: accuracy (%) on the attacked images "
-        f"(majority of {votes} votes).",
+        "Feature: on the perturbed features); Clean: accuracy (%) on the attacked images, judged "
+        f"by the same rule as the attacks (correct unless a strict majority of {votes} votes "
+        "misclassify the clean image).",
     ]
     if worst_budgets:
         legend.append(
