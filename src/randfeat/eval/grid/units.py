@@ -102,15 +102,96 @@ class UnitRunner:
         return self.x[sl].to(self.device), self.y[sl].to(self.device), images
 
     def run(self, unit: Unit) -> list[Row]:
-        """The rows of `unit`, in chunk order (see the module docstring for the seeds)."""
-        return _run_unit(self, unit)
+        """The rows of `unit`, in chunk order: the clean verdicts, or one attack's results.
 
+        The defense's noise stream and the attack's generator restart from seeds of the unit
+        alone (a served model's noise is the server's, unpredictable by design).
+        """
+        t0 = time.perf_counter()
+        x, y, images = self.chunk(unit.chunk)
+        model = self.defended[unit.defense]
+        parts = (unit.kind, unit.defense, unit.attack, unit.budget, unit.chunk)
+        if isinstance(model, RandomizedFeatureWrapper):  # base and AAA are deterministic
+            model.manual_seed(derive_seed(self.cfg.seed, "noise", *parts))
+        if unit.kind == "clean":
+            return self._clean(unit, model, x, y, images, t0)
+        seed = derive_seed(self.cfg.seed, "attack", *parts)
+        return self._attack(unit, model, x, y, images, seed, t0)
 
-def _reseed(model: Model, seed: int) -> None:
-    """Restart a randomized defense's noise stream (base and AAA are deterministic; a served
-    model's noise is the server's, unpredictable by design)."""
-    if isinstance(model, RandomizedFeatureWrapper):
-        model.manual_seed(seed)
+    def _clean(
+        self, unit: Unit, model: Model, x: Tensor, y: Tensor, images: list[int], t0: float
+    ) -> list[Row]:
+        """The judging rule at the clean images; a deterministic defense needs one forward."""
+        votes = self.cfg.votes if _randomized(model) else 1
+        wrong = count_wrong(model, x, y, votes=votes, batch_size=self.cfg.forward_batch)
+        seconds = time.perf_counter() - t0
+        return [
+            CleanRow(img, lab, unit.defense, votes, w, unit.chunk, seconds)
+            for img, lab, w in zip(images, y.tolist(), wrong.tolist(), strict=True)
+        ]
+
+    def _attack(
+        self,
+        unit: Unit,
+        model: Model,
+        x: Tensor,
+        y: Tensor,
+        images: list[int],
+        seed: int,
+        t0: float,
+    ) -> list[Row]:
+        """One attack on the chunk, each returned point judged afresh."""
+        cfg = self.cfg
+        attack = self.attacks[str(unit.attack)]
+        budget = int(unit.budget or 0)
+        res = attack.run(
+            model, x, y, budget=budget, votes=cfg.votes, seed=seed, batch_size=cfg.forward_batch
+        )
+        # Deterministic defenses (base, AAA) need one forward: the fooling probability is 0 or 1.
+        # rejudge repeats each image `forwards` times at once: pass it at most forward_batch rows.
+        forwards = cfg.fresh_forwards if _randomized(model) else 1
+        step = max(1, cfg.forward_batch // forwards)
+        fresh = torch.cat(
+            [
+                rejudge(
+                    model, xa, ya, votes=cfg.votes, forwards=forwards, batch_size=cfg.forward_batch
+                )
+                for xa, ya in zip(res.x_adv.split(step), y.split(step), strict=True)
+            ]
+        )
+        dist = distance(res.x_adv, x, attack.norm)
+        seconds = time.perf_counter() - t0
+        cols = zip(
+            images,
+            y.tolist(),
+            res.success.tolist(),
+            res.queries.tolist(),
+            res.success_query.tolist(),
+            res.verify_forwards.tolist(),
+            fresh.tolist(),
+            dist.tolist(),
+            strict=True,
+        )
+        return [
+            AttackRow(
+                image=img,
+                label=lab,
+                defense=unit.defense,
+                attack=str(unit.attack),
+                budget=budget,
+                eps=attack.eps,
+                norm=attack.norm,
+                success=s,
+                queries=q,
+                success_query=sq,
+                verify_forwards=vf,
+                fresh=fr,
+                dist=di,
+                chunk=unit.chunk,
+                seconds=seconds,
+            )
+            for img, lab, s, q, sq, vf, fr, di in cols
+        ]
 
 
 def _randomized(model: Model) -> bool:
@@ -118,88 +199,3 @@ def _randomized(model: Model) -> bool:
     if isinstance(model, HTTPModel):
         return model.info.defended
     return isinstance(model, RandomizedFeatureWrapper)
-
-
-def _run_unit(ctx: UnitRunner, unit: Unit) -> list[Row]:
-    """One unit: the clean predictions or one attack on one chunk; its rows in chunk order.
-
-    The defense's noise stream and the attack's generator restart from seeds of the unit alone.
-    """
-    cfg = ctx.cfg
-    t0 = time.perf_counter()
-    x, y, images = ctx.chunk(unit.chunk)
-    model = ctx.defended[unit.defense]
-    randomized = _randomized(model)
-    parts = (unit.kind, unit.defense, unit.attack, unit.budget, unit.chunk)
-    _reseed(model, derive_seed(cfg.seed, "noise", *parts))
-    labels = y.tolist()
-    if unit.kind == "clean":
-        # The judging rule at the clean image; a deterministic defense needs one forward.
-        votes = cfg.votes if randomized else 1
-        wrong = count_wrong(model, x, y, votes=votes, batch_size=cfg.forward_batch)
-        seconds = time.perf_counter() - t0
-        return [
-            CleanRow(
-                image=img,
-                label=lab,
-                defense=unit.defense,
-                votes=votes,
-                wrong_votes=w,
-                chunk=unit.chunk,
-                seconds=seconds,
-            )
-            for img, lab, w in zip(images, labels, wrong.tolist(), strict=True)
-        ]
-    attack = ctx.attacks[str(unit.attack)]
-    res = attack.run(
-        model,
-        x,
-        y,
-        budget=int(unit.budget or 0),
-        votes=cfg.votes,
-        seed=derive_seed(cfg.seed, "attack", *parts),
-        batch_size=cfg.forward_batch,
-    )
-    # Deterministic defenses (base, AAA) need one forward: the fooling probability is 0 or 1.
-    # rejudge repeats each image `forwards` times at once: pass it at most forward_batch rows.
-    forwards = cfg.fresh_forwards if randomized else 1
-    step = max(1, cfg.forward_batch // forwards)
-    fresh = torch.cat(
-        [
-            rejudge(model, xa, ya, votes=cfg.votes, forwards=forwards, batch_size=cfg.forward_batch)
-            for xa, ya in zip(res.x_adv.split(step), y.split(step), strict=True)
-        ]
-    )
-    dist = distance(res.x_adv, x, attack.norm)
-    seconds = time.perf_counter() - t0
-    cols = zip(
-        images,
-        labels,
-        res.success.tolist(),
-        res.queries.tolist(),
-        res.success_query.tolist(),
-        res.verify_forwards.tolist(),
-        fresh.tolist(),
-        dist.tolist(),
-        strict=True,
-    )
-    return [
-        AttackRow(
-            image=img,
-            label=lab,
-            defense=unit.defense,
-            attack=str(unit.attack),
-            budget=int(unit.budget or 0),
-            eps=attack.eps,
-            norm=attack.norm,
-            success=s,
-            queries=q,
-            success_query=sq,
-            verify_forwards=vf,
-            fresh=fr,
-            dist=di,
-            chunk=unit.chunk,
-            seconds=seconds,
-        )
-        for img, lab, s, q, sq, vf, fr, di in cols
-    ]
