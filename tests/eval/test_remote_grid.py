@@ -116,5 +116,7 @@ def test_a_labels_only_target_takes_decision_attacks_only(
     results = read_results(out)
     clean = [r for r in results.rows if isinstance(r, CleanRow)]
     idx = torch.tensor([r.image for r in clean])
-    want = digits_model(digits.x_test[idx]).argmax(dim=1).tolist()
-    assert [r.pred for r in clean] == want  # an undefended server: one forward, its labels
+    want = (digits_model(digits.x_test[idx]).argmax(dim=1) != digits.y_test[idx]).tolist()
+    # an undefended server: one forward per clean image, judged by its label
+    assert [r.votes for r in clean] == [1] * len(clean)
+    assert [r.wrong_votes for r in clean] == [int(w) for w in want]

@@ -8,21 +8,19 @@ classes, so a field is named in one place. The documentation of each field (the 
 sections below) is also the file's schema in `docs/evaluation.md`; a test regenerates that schema
 from the docstrings and fails when they disagree.
 
-`to_json` gives a JSON-ready `dict` (tuples become lists, nested records objects, and rows gain
-their `"type"`); `from_json` checks every field's presence and type and raises
+Each record is a [Record][randfeat.eval.jsonrecords.Record]: `to_json` gives a JSON-ready `dict`
+and `from_json` checks every field's presence and type, raising
 [ReportError][randfeat.eval.errors.ReportError] naming the field otherwise.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import ClassVar, Literal, TypeVar, Union, get_args, get_origin
+from typing import ClassVar, Literal, Union
 
 from randfeat.eval.errors import ReportError
+from randfeat.eval.jsonrecords import Record, brief
 from randfeat.eval.oracle import fooled
 
 __all__ = [
@@ -32,7 +30,6 @@ __all__ = [
     "CleanRow",
     "DataInfo",
     "Header",
-    "JSONObject",
     "ModelInfo",
     "Radii",
     "Row",
@@ -40,127 +37,10 @@ __all__ = [
     "row_from_json",
 ]
 
-JSONObject = dict[str, object]
-"""A JSON object as `json.loads` returns it."""
-
-R = TypeVar("R", bound="_Record")
-
-
-class _Record:
-    """`to_json` / `from_json` for a frozen dataclass of JSON-typed fields."""
-
-    TYPE: ClassVar[str | None] = None  # the "type" written with the record, if any
-
-    def to_json(self) -> JSONObject:
-        """The record as a JSON-ready `dict` (field order kept; `"type"` first for rows; a field
-        with a default is left out while it holds that default)."""
-        out: JSONObject = {} if self.TYPE is None else {"type": self.TYPE}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = getattr(self, f.name)
-            if f.default is not dataclasses.MISSING and value == f.default:
-                continue  # a field added later is written only when used (older readers agree)
-            out[f.name] = _encode(value)
-        return out
-
-    @classmethod
-    def from_json(cls: type[R], data: object) -> R:
-        """Build the record from a parsed JSON object, checking every field.
-
-        Raises:
-            ReportError: `data` is not an object, lacks a field, has a field of the wrong type or
-                an unknown field, or carries another `"type"`.
-        """
-        name = cls.TYPE or cls.__name__
-        if not isinstance(data, Mapping):
-            raise ReportError(f"Expected a {name} record (a JSON object), but got {_brief(data)}.")
-        if cls.TYPE is not None and data.get("type") != cls.TYPE:
-            raise ReportError(
-                f"Expected a record of type {cls.TYPE!r}, but got {data.get('type')!r}."
-            )
-        hints = typing.get_type_hints(cls)
-        fields = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - fields - {"type"})
-        if unknown:
-            raise ReportError(
-                f"The {name} record has unknown field(s) {', '.join(unknown)}; expected "
-                f"{', '.join(sorted(fields))}. Was it written by another randfeat version?"
-            )
-        # a field with a default (added in a later version) may be absent
-        optional = {
-            f.name
-            for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-            if f.default is not dataclasses.MISSING
-        }
-        missing = [f for f in sorted(fields - optional) if f not in data]
-        if missing:
-            raise ReportError(f"The {name} record lacks field(s) {', '.join(missing)}.")
-        values = {f: _decode(hints[f], data[f], f"{name}.{f}") for f in fields if f in data}
-        return cls(**values)
-
-
-def _encode(value: object) -> object:
-    if isinstance(value, _Record):
-        return value.to_json()
-    if isinstance(value, tuple):
-        return [_encode(v) for v in value]
-    if isinstance(value, Mapping):
-        return {str(k): _encode(v) for k, v in value.items()}
-    return value
-
-
-def _brief(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _decode(tp: object, value: object, where: str) -> object:
-    """`value` checked against the type `tp` (and converted: lists to tuples, objects to records)."""
-    origin = get_origin(tp)
-    if tp is object:
-        return value
-    if isinstance(tp, type) and issubclass(tp, _Record):
-        return tp.from_json(value)
-    if origin in (Union, types.UnionType):
-        errors = []
-        for arg in get_args(tp):
-            try:
-                return _decode(arg, value, where)
-            except ReportError as err:
-                errors.append(err)
-        raise errors[-1]
-    if origin is Literal:
-        if value in get_args(tp):
-            return value
-        raise ReportError(
-            f"Expected `{where}` to be one of {get_args(tp)}, but got {_brief(value)}."
-        )
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise ReportError(f"Expected `{where}` to be a list, but got {_brief(value)}.")
-        (item, _) = get_args(tp)
-        return tuple(_decode(item, v, f"{where}[{i}]") for i, v in enumerate(value))
-    if origin in (Mapping, dict):
-        if not isinstance(value, Mapping):
-            raise ReportError(f"Expected `{where}` to be an object, but got {_brief(value)}.")
-        _, item = get_args(tp)
-        return {str(k): _decode(item, v, f"{where}.{k}") for k, v in value.items()}
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ReportError(f"Expected `{where}` to be null, but got {_brief(value)}.")
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if tp in (bool, str) and isinstance(value, tp):
-        return value
-    name = getattr(tp, "__name__", str(tp))
-    raise ReportError(f"Expected `{where}` to be {name}, but got {_brief(value)}.")
-
 
 # ---------------------------------------------------------------------------- the header
 @dataclass(frozen=True)
-class Radii(_Record):
+class Radii(Record):
     """The radii ε of the run.
 
     Attributes:
@@ -176,7 +56,7 @@ class Radii(_Record):
 
 
 @dataclass(frozen=True)
-class DataInfo(_Record):
+class DataInfo(Record):
     """The pool of images the run drew from.
 
     Attributes:
@@ -195,7 +75,7 @@ class DataInfo(_Record):
 
 
 @dataclass(frozen=True)
-class ModelInfo(_Record):
+class ModelInfo(Record):
     """The attacked model.
 
     Attributes:
@@ -215,7 +95,7 @@ class ModelInfo(_Record):
 
 
 @dataclass(frozen=True)
-class AttackInfo(_Record):
+class AttackInfo(Record):
     """One attack of the grid as it was built.
 
     Attributes:
@@ -230,7 +110,7 @@ class AttackInfo(_Record):
 
 
 @dataclass(frozen=True)
-class CalibratedDefense(_Record):
+class CalibratedDefense(Record):
     """ν of one randomized defense, calibrated on the held-out images.
 
     Attributes:
@@ -265,7 +145,7 @@ class CalibratedDefense(_Record):
 
 
 @dataclass(frozen=True)
-class Header(_Record):
+class Header(Record):
     """The first line of a result file: everything needed to read, resume and reproduce it.
 
     Attributes:
@@ -347,7 +227,7 @@ class Unit:
 
 
 @dataclass(frozen=True)
-class CleanRow(_Record):
+class CleanRow(Record):
     """One attacked image under one defense, without attack: is the clean image fooled?
 
     The image is correct when it does not fool the model at its own clean point: when no strict
@@ -387,7 +267,7 @@ class CleanRow(_Record):
 
 
 @dataclass(frozen=True)
-class AttackRow(_Record):
+class AttackRow(Record):
     """One attacked image under one (defense, attack, budget).
 
     Attributes:
@@ -450,5 +330,5 @@ def row_from_json(data: object) -> Row:
     kind = data.get("type") if isinstance(data, Mapping) else None
     cls = _ROWS.get(kind)
     if cls is None:
-        raise ReportError(f"Expected a row of type 'clean' or 'attack', but got {_brief(data)}.")
+        raise ReportError(f"Expected a row of type 'clean' or 'attack', but got {brief(data)}.")
     return cls.from_json(data)

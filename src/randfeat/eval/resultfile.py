@@ -34,8 +34,9 @@ from pathlib import Path
 from typing import IO
 
 from randfeat.eval.errors import ConfigError, ReportError
+from randfeat.eval.jsonrecords import JSONObject
 from randfeat.eval.lock import ExclusiveLock
-from randfeat.eval.records import AttackRow, CleanRow, Header, JSONObject, Row, Unit, row_from_json
+from randfeat.eval.records import AttackRow, CleanRow, Header, Row, Unit, row_from_json
 
 __all__ = [
     "FORMAT",
