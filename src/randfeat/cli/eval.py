@@ -98,8 +98,18 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         f"eot-<attack> (default {','.join(PAPER_ATTACKS)})",
     )
     g.add_argument("--budgets", metavar="LIST", help="query budgets (default 1000,10000)")
-    g.add_argument("--eps", type=float, metavar="X", help="ℓ∞ radius (default 0.05; digits 0.2)")
-    g.add_argument("--eps-l2", type=float, metavar="X", help="ℓ2 radius (default 5; digits 1.5)")
+    g.add_argument(
+        "--eps",
+        type=float,
+        metavar="X",
+        help="ℓ∞ radius (default 0.05; digits 0.2; fashion-mnist 0.1)",
+    )
+    g.add_argument(
+        "--eps-l2",
+        type=float,
+        metavar="X",
+        help="ℓ2 radius (default 5; digits and fashion-mnist 1.5)",
+    )
     g.add_argument(
         "--votes",
         type=int,

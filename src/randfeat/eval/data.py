@@ -1,4 +1,4 @@
-"""Evaluation data: embedded digits, local CIFAR-10 / ImageFolder, class-balanced subsets.
+"""Evaluation data: embedded digits, Fashion-MNIST, local CIFAR-10 / ImageFolder, balanced subsets.
 
 The paper (Nguyen Minh et al., "Randomized feature defense", §5 and appendix D) evaluates on "1000
 images that contain every class from the studied dataset", each class of equal size:
@@ -7,10 +7,10 @@ indices (the calibration images must not be the attacked ones).
 
 `digits` is the offline default: scikit-learn's bundled 8×8 handwritten digits (1,797 real
 images, shipped inside the scikit-learn wheel, so nothing is downloaded), split once into a fixed,
-class-stratified train/test split. The real-data loaders `load_cifar10` and
-`load_image_folder` read local files only and never download; they return images in
-`[0, 1]` without normalisation, because the models of `randfeat.eval.models` fold their own
-normalisation in.
+class-stratified train/test split. `fashion_mnist` reads Fashion-MNIST's four IDX files from a
+local directory (e.g. Debian's `dataset-fashion-mnist`); both return a
+[Split][randfeat.eval.data.Split]. All loaders read local files only and never download; they
+return images in `[0, 1]` without normalisation (the models fold their own normalisation in).
 
 scikit-learn and torchvision are optional (the `eval` extra) and imported lazily.
 """
@@ -21,6 +21,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,14 +29,22 @@ import torch
 from torch import Tensor
 
 from randfeat.checks import check_int, check_positive_int
+from randfeat.eval import idx
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
 
 __all__ = [
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_DEBIAN_DIR",
+    "FASHION_MNIST_ENV",
+    "FASHION_MNIST_FILES",
     "Digits",
+    "Split",
     "balanced_subset",
     "digits",
+    "fashion_mnist",
+    "fashion_mnist_root",
     "load_cifar10",
     "load_image_folder",
     "materialize",
@@ -63,14 +72,15 @@ def _require(module: str) -> Any:
 
 
 @dataclass(frozen=True)
-class Digits:
-    """The embedded digits data set, split into train and test.
+class Split:
+    """A data set in memory, split into train and test.
 
     Attributes:
-        x_train: `[N_train, 1, 8, 8]` float32 in `[0, 1]` (1,257 images).
-        y_train: `[N_train]` int64 labels in `0..9`.
-        x_test: `[N_test, 1, 8, 8]` float32 in `[0, 1]` (540 images).
-        y_test: `[N_test]` int64 labels in `0..9`.
+        x_train: `[N_train, C, H, W]` float32 in `[0, 1]` (digits: 1,257 images of
+            `[1, 8, 8]`; Fashion-MNIST: 60,000 of `[1, 28, 28]`).
+        y_train: `[N_train]` int64 labels in `0..K-1`.
+        x_test: `[N_test, C, H, W]` float32 in `[0, 1]` (digits: 540; Fashion-MNIST: 10,000).
+        y_test: `[N_test]` int64 labels in `0..K-1`.
         classes: number of classes `K`.
     """
 
@@ -81,7 +91,11 @@ class Digits:
     classes: int = 10
 
 
-def digits() -> Digits:
+Digits = Split
+"""The split type of `digits` (an alias of [Split][randfeat.eval.data.Split])."""
+
+
+def digits() -> Split:
     """Load scikit-learn's bundled 8×8 digits with a fixed, class-stratified 70/30 split.
 
     Pixel values `0..16` are divided by 16 to lie in `[0, 1]`. The split is
@@ -89,7 +103,7 @@ def digits() -> Digits:
     tensors (fresh copies: mutating them does not affect later calls).
 
     Returns:
-        The `Digits` split: `x_*: [N, 1, 8, 8]` float32 in `[0, 1]`, `y_*: [N]` int64.
+        The split: `x_*: [N, 1, 8, 8]` float32 in `[0, 1]`, `y_*: [N]` int64.
 
     Raises:
         ImportError: scikit-learn is not installed (fix: `pip install "randfeat[eval]"`).
@@ -102,13 +116,116 @@ def digits() -> Digits:
     x_tr, x_te, y_tr, y_te = model_selection.train_test_split(
         x, y, test_size=DIGITS_TEST_FRACTION, stratify=y, random_state=DIGITS_SPLIT_SEED
     )
-    return Digits(
+    return Split(
         x_train=torch.from_numpy(np.ascontiguousarray(x_tr)),
         y_train=torch.from_numpy(np.ascontiguousarray(y_tr)),
         x_test=torch.from_numpy(np.ascontiguousarray(x_te)),
         y_test=torch.from_numpy(np.ascontiguousarray(y_te)),
         classes=10,
     )
+
+
+FASHION_MNIST_ENV = "RANDFEAT_FASHION_MNIST"
+"""Environment variable naming the directory of the Fashion-MNIST files (when `root` is None)."""
+FASHION_MNIST_DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
+"""Where Debian's `dataset-fashion-mnist` package installs the files: the last default."""
+FASHION_MNIST_FILES = MappingProxyType({
+    "x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte",
+})  # fmt: skip
+"""The four files of the official release by the `Split` field they fill (plain or `.gz`)."""
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+    "Ankle boot",
+)  # fmt: skip
+"""The class names of labels `0..9`."""
+_FASHION_FIX = (
+    "Install Debian's package (apt-get install dataset-fashion-mnist), set "
+    f"${FASHION_MNIST_ENV} to a directory holding the four files, or pass that directory "
+    "(--data fashion-mnist:PATH); the files are those of the official release "
+    "(https://github.com/zalandoresearch/fashion-mnist), gzipped or not."
+)
+_FASHION_REPAIR = (
+    "Reinstall the package (apt-get install --reinstall dataset-fashion-mnist) or fetch the "
+    "file again from the official release (https://github.com/zalandoresearch/fashion-mnist)."
+)
+
+
+def fashion_mnist_root(root: str | os.PathLike[str] | None = None) -> dict[str, Path]:
+    """The four Fashion-MNIST files in `root`, else `$RANDFEAT_FASHION_MNIST`, else Debian's dir.
+
+    Checks only that they exist (cheap: it fails fast before a model is loaded); the plain file
+    is preferred to the `.gz` one. Returns their paths by `Split` field (`x_train`, ...).
+
+    Raises:
+        FileNotFoundError: the directory or a file is missing; the message names them, where the
+            directory came from, and how to get the files.
+    """
+    if root is not None:
+        where, base = "the given directory", Path(root).expanduser()
+    elif os.environ.get(FASHION_MNIST_ENV):
+        where, base = f"${FASHION_MNIST_ENV}", Path(os.environ[FASHION_MNIST_ENV]).expanduser()
+    else:
+        where, base = "the default: Debian's package directory", FASHION_MNIST_DEBIAN_DIR
+    found = {f: idx.find_idx(base, stem) for f, stem in FASHION_MNIST_FILES.items()}
+    missing = [FASHION_MNIST_FILES[f] + "[.gz]" for f, path in found.items() if path is None]
+    if missing:
+        what = "lacks " + ", ".join(missing) if base.is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"Fashion-MNIST directory {str(base)!r} ({where}) {what}. {_FASHION_FIX}"
+        )
+    return {f: path for f, path in found.items() if path is not None}
+
+
+def _fashion_part(path: Path, ndim: int) -> np.ndarray:
+    """One file, checked: IDX header and length, 28×28 images, labels `0..9`."""
+    try:
+        array = idx.read_idx(path, ndim)
+        if ndim == 3 and array.shape[1:] != (28, 28):
+            raise idx.IdxError(f"{str(path)!r} holds images of shape {array.shape[1:]}, not 28×28")
+        if ndim == 1 and array.size and int(array.max()) >= len(FASHION_MNIST_CLASSES):
+            raise idx.IdxError(f"{str(path)!r} holds the label {int(array.max())}, not 0..9")
+    except idx.IdxError as err:
+        raise idx.IdxError(f"Fashion-MNIST file {err}. {_FASHION_REPAIR}") from err
+    return array
+
+
+def fashion_mnist(root: str | os.PathLike[str] | None = None) -> Split:
+    """Load Fashion-MNIST from its local IDX files (never downloads), with the official split.
+
+    The four files of the official release (Xiao, Rasul and Vollgraf, "Fashion-MNIST: a Novel
+    Image Dataset for Benchmarking Machine Learning Algorithms", 2017), plain or gzipped, are read
+    from `root`, else `$RANDFEAT_FASHION_MNIST`, else `/usr/share/datasets/fashion-mnist`
+    (Debian's `dataset-fashion-mnist`). Pixels `0..255` are divided by 255.
+
+    Args:
+        root: the directory holding the files (see `fashion_mnist_root`).
+
+    Returns:
+        The [Split][randfeat.eval.data.Split]: `x_train: [60000, 1, 28, 28]` and
+        `x_test: [10000, 1, 28, 28]` float32 in `[0, 1]`, int64 labels, 10 classes
+        (`FASHION_MNIST_CLASSES`).
+
+    Raises:
+        FileNotFoundError: the directory or a file is missing (the message says how to get them).
+        ValueError: a damaged file (an [IdxError][randfeat.eval.idx.IdxError]: wrong magic
+            number, truncated, bad gzip, not 28×28, a label outside `0..9`), or an image file and
+            its label file of different counts; the message names the file(s) and the fix.
+    """
+    paths = fashion_mnist_root(root)
+    out: dict[str, Tensor] = {}
+    for part in ("train", "test"):
+        images = _fashion_part(paths[f"x_{part}"], 3)
+        labels = _fashion_part(paths[f"y_{part}"], 1)
+        if images.shape[0] != labels.shape[0]:
+            raise ValueError(
+                f"Fashion-MNIST {part} files disagree: {str(paths[f'x_{part}'])!r} holds "
+                f"{images.shape[0]} images, {str(paths[f'y_{part}'])!r} {labels.shape[0]} "
+                f"labels. {_FASHION_REPAIR}"
+            )
+        out[f"x_{part}"] = torch.from_numpy(images.astype(np.float32) / 255).unsqueeze(1)
+        out[f"y_{part}"] = torch.from_numpy(labels.astype(np.int64))
+    return Split(classes=len(FASHION_MNIST_CLASSES), **out)
 
 
 def balanced_subset(

@@ -1,7 +1,8 @@
 """The data sets `randfeat eval --data` accepts: [DATA_SETS][randfeat.eval.datasets.DATA_SETS].
 
 `--data` is parsed in one place, [DataSpec.parse][randfeat.eval.datasets.DataSpec.parse]: a
-name (`digits`) or a name and a local path (`cifar10:PATH`, `imagenet:PATH`). Each
+name (`digits`), a name and a local path (`cifar10:PATH`, `imagenet:PATH`), or a name with an
+optional path (`fashion-mnist[:PATH]`, found in its default place without one). Each
 [DataSet][randfeat.eval.datasets.DataSet] carries what the grid needs to know about it: its
 default radii and image count, the models it takes, and how to load its test images into a
 [Pool][randfeat.eval.datasets.Pool]. The loaders themselves live in [randfeat.eval.data][].
@@ -87,6 +88,9 @@ class DataSet:
         classes: classifier outputs a model needs for it by default (None: the model's own).
         native_size: whether images default to the model's own input size (else `image_size`).
         load: its test images as a pool, from `(path, image_size)`.
+        optional_path: whether the path may be left out (the loader then finds its files).
+        check: a cheap check of `path` before any model is loaded (raises `OSError` or
+            `ValueError` with the fix); None: `DataSpec.check_path`'s directory check.
     """
 
     name: str
@@ -100,6 +104,8 @@ class DataSet:
     classes: int | None
     native_size: bool
     load: Callable[[str | None, int | None], Pool]
+    optional_path: bool = False
+    check: Callable[[str | None], object] | None = None
 
 
 def _digits(path: str | None, image_size: int | None) -> Pool:
@@ -127,17 +133,31 @@ def _imagenet(path: str | None, image_size: int | None) -> Pool:
     )
 
 
+def _fashion_mnist(path: str | None, image_size: int | None) -> Pool:
+    split = rf_data.fashion_mnist(path)
+    x = split.x_test
+    if image_size is not None and image_size != x.shape[-1]:
+        x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear")
+        x = x.clamp_(0.0, 1.0)
+    return Pool("fashion-mnist", path, split.y_test, x=x)
+
+
 _DATA_SETS = (
     # The paper's 0.05 / 5 are meaningless at 64 pixels (ℓ2 5 exceeds the whole image's range,
     # ℓ∞ 0.05 is under one grey level of 16): the digits default to 0.2 / 1.5.
     DataSet("digits", "digits", False, 0.2, 1.5, "digits default", 100, ("digits-cnn",), None, False, _digits),
     DataSet("cifar10", "cifar10:PATH", True, PAPER_EPS["linf"], PAPER_EPS["l2"], "paper default", 1000, None, 10, False, _cifar10),
     DataSet("imagenet", "imagenet:PATH", True, PAPER_EPS["linf"], PAPER_EPS["l2"], "paper default", 1000, None, None, True, _imagenet),
+    # 28×28 grey images: ℓ∞ 0.1 as for Fashion-MNIST in Croce, Andriushchenko & Hein (AISTATS
+    # 2019), ℓ2 1.5 as for MNIST in Schott et al. (ICLR 2019); docs/evaluation.md says more.
+    DataSet("fashion-mnist", "fashion-mnist[:PATH]", True, 0.1, 1.5, "fashion-mnist default", 1000, None, 10, False, _fashion_mnist, True, rf_data.fashion_mnist_root),
 )  # fmt: skip
 
 DATA_SETS: Mapping[str, DataSet] = MappingProxyType({d.name: d for d in _DATA_SETS})
 """Every data set `--data` accepts, by name: `digits` (embedded), `cifar10:PATH` (the python
-batches of CIFAR-10) and `imagenet:PATH` (any ImageFolder directory)."""
+batches of CIFAR-10), `imagenet:PATH` (any ImageFolder directory) and `fashion-mnist[:PATH]` (the
+four IDX files; without a path, `$RANDFEAT_FASHION_MNIST` or Debian's
+`/usr/share/datasets/fashion-mnist`)."""
 
 
 @dataclass(frozen=True)
@@ -154,7 +174,7 @@ class DataSpec:
 
     @classmethod
     def parse(cls, spec: str) -> DataSpec:
-        """Parse `"digits"`, `"cifar10:PATH"`, `"imagenet:PATH"`.
+        """Parse `"digits"`, `"cifar10:PATH"`, `"imagenet:PATH"`, `"fashion-mnist[:PATH]"`.
 
         Raises:
             ConfigError: an unknown name (with the closest valid ones), a missing path, or a path
@@ -172,6 +192,8 @@ class DataSpec:
                 raise ConfigError(f"--data {name} takes no path (the images are embedded).")
             return cls(dataset, None)
         if not path:
+            if dataset.optional_path and not sep:
+                return cls(dataset, None)
             raise ConfigError(f"--data {name} needs a local path: --data {dataset.usage}.")
         return cls(dataset, path)
 
@@ -179,8 +201,15 @@ class DataSpec:
         """Fail fast (before loading a model) on a path that is not a readable directory.
 
         Raises:
-            ConfigError: the path is missing, not a directory, or not readable.
+            ConfigError: the path is missing, not a directory, or not readable (or the data
+                set's own `check` fails).
         """
+        if self.dataset.check is not None:
+            try:
+                self.dataset.check(self.path)
+            except (OSError, ValueError) as err:
+                raise ConfigError(f"--data {self.dataset.name}: {err}") from err
+            return
         if self.path is None:
             return
         p = Path(self.path).expanduser()
