@@ -8,6 +8,7 @@ seconds on one CPU core and happens once per session (once per worker under pyte
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -71,3 +72,18 @@ def serve() -> Iterator[Callable[..., str]]:
             return stack.enter_context(serve_in_thread(app))
 
         yield start
+
+
+@pytest.fixture(scope="session")
+def fashion_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A cache directory shared by all pytest-xdist workers of a run.
+
+    Under xdist each worker has its own base temporary directory; their parent is the run's. The
+    Fashion-MNIST CNN is trained into this shared directory once: the cache's lock makes the other
+    workers wait for its file instead of training again.
+    """
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = root / "randfeat_fashion_cache"
+    path.mkdir(exist_ok=True)
+    return path

@@ -1,4 +1,4 @@
-"""One writer at a time: an exclusive lock beside a result file, holding the writer's pid.
+"""One writer at a time: an exclusive lock beside a file, holding the writer's pid.
 
 `randfeat eval` writes its result file under [ExclusiveLock][randfeat.eval.lock.ExclusiveLock]
 (`fcntl.flock` on `<file>.lock`). A second run on the same `--out` finds the lock held, reads
@@ -6,6 +6,9 @@ the holder's pid from the lock file, and stops before any work. The kernel relea
 when its process dies, so a run killed with SIGKILL leaves a stale lock file that the next run
 takes over. The lock lives on its own file because the result file is replaced atomically
 (`os.replace`) when a resumed run repairs it, which would drop a lock held on the file itself.
+
+The cached models of `randfeat.eval.models` use the same lock, waiting for it (`wait=True`):
+the process that trains a model holds it, and the others read its cache file once it is written.
 
 On systems without `fcntl` (Windows) no lock is taken.
 """
@@ -32,21 +35,23 @@ def lock_path(path: Path) -> Path:
 
 
 class ExclusiveLock:
-    """An exclusive, non-blocking lock on `<path>.lock` for the result file `path`.
+    """An exclusive lock on `<path>.lock` for the file `path` (a result file, a cached model).
 
     Use as a context manager; the lock file is removed when the lock is released.
 
     Args:
-        path: the result file.
+        path: the file the lock guards.
+        wait: wait until the holder releases the lock instead of raising.
 
     Raises:
-        ResultFileBusy: on entering, when another process holds the lock (the message names the
-            file and the holder's pid).
+        ResultFileBusy: on entering, when another process holds the lock and `wait` is False
+            (the message names the file and the holder's pid).
     """
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, wait: bool = False) -> None:
         self.path = path
         self.lock_file = lock_path(path)
+        self.wait = wait
         self._fd: int | None = None
 
     def __enter__(self) -> ExclusiveLock:
@@ -68,7 +73,7 @@ class ExclusiveLock:
         while True:
             fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX if self.wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.read(fd, 32).decode("ascii", "replace").strip() or "unknown"
                 os.close(fd)

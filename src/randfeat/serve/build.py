@@ -136,7 +136,8 @@ def build(spec: ModelSpec) -> tuple[nn.Module, ModelCard]:
             "(e.g. cifar10:PATH), or give ν itself with --nu."
         )
     classes = spec.num_classes or (dataspec.dataset.classes if dataspec else None)
-    model = source.load(ModelRequest(spec.model, spec.pretrained, spec.checkpoint, classes))
+    path = dataspec.path if dataspec is not None else None
+    model = source.load(ModelRequest(spec.model, spec.pretrained, spec.checkpoint, classes, path))
     model = model.eval().to(spec.device)
     size = spec.image_size
     if dataspec is not None and size is None and dataspec.dataset.native_size:

@@ -80,10 +80,9 @@ def load_model(cfg: EvalConfig) -> Model:
     """
     if cfg.target is not None:
         return connect(cfg)
-    request = ModelRequest(cfg.model, cfg.pretrained, cfg.checkpoint, cfg.num_classes)
-    dataset = cfg.data_spec.dataset
-    if request.num_classes is None and dataset.classes is not None:
-        request = ModelRequest(cfg.model, cfg.pretrained, cfg.checkpoint, dataset.classes)
+    spec = cfg.data_spec
+    classes = cfg.num_classes if cfg.num_classes is not None else spec.dataset.classes
+    request = ModelRequest(cfg.model, cfg.pretrained, cfg.checkpoint, classes, spec.path)
     return model_source(cfg.model).load(request)
 
 

@@ -3,8 +3,8 @@
 A [ModelSource][randfeat.eval.models.sources.ModelSource] claims the names it can load, checks a
 name before any work is spent, and loads the model as a callable from images in $[0, 1]$ to
 logits. [model_source][randfeat.eval.models.sources.model_source] picks the first source that
-claims a name: `digits-cnn` (embedded, trained on first use), `hf:PATH` (a saved `transformers`
-image classifier), else timm.
+claims a name: `digits-cnn` and `fashion-cnn` (embedded, trained on first use), `hf:PATH` (a
+saved `transformers` image classifier), else timm.
 
 To add a model source, write its loader and add one `ModelSource` to `_SOURCES` (before timm,
 which claims every other name).
@@ -22,6 +22,7 @@ from torch import nn
 
 from randfeat.eval.errors import ConfigError
 from randfeat.eval.models.digits import DigitsCNN, digits_cnn
+from randfeat.eval.models.fashion import FashionCNN, fashion_cnn
 from randfeat.eval.models.hf_models import load_hf
 from randfeat.eval.models.timm_models import load_timm
 
@@ -37,12 +38,15 @@ class ModelRequest:
         pretrained: load the source's pretrained weights.
         checkpoint: a local `state_dict` file.
         num_classes: classifier outputs (None: the model's own).
+        data_path: the local path of `--data` (models trained on first use read their
+            training images there; None: the data set's default place).
     """
 
     name: str
     pretrained: bool = False
     checkpoint: str | None = None
     num_classes: int | None = None
+    data_path: str | None = None
 
 
 @dataclass(frozen=True)
@@ -74,9 +78,24 @@ class ModelSource:
 def _load_digits(req: ModelRequest) -> nn.Module:
     if req.checkpoint is None:
         return digits_cnn()
-    model = DigitsCNN(req.num_classes or 10, generator=torch.Generator())
+    return _load_state(DigitsCNN(req.num_classes or 10, generator=torch.Generator()), req)
+
+
+def _load_fashion(req: ModelRequest) -> nn.Module:
+    if req.checkpoint is None:
+        try:
+            return fashion_cnn(root=req.data_path)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"Cannot train fashion-cnn: {err}") from err
+    return _load_state(FashionCNN(req.num_classes or 10, generator=torch.Generator()), req)
+
+
+def _load_state(model: nn.Module, req: ModelRequest) -> nn.Module:
+    """`model` with the weights of `req.checkpoint` (a plain state_dict), in eval mode."""
     try:
-        model.load_state_dict(torch.load(req.checkpoint, map_location="cpu", weights_only=True))
+        model.load_state_dict(
+            torch.load(str(req.checkpoint), map_location="cpu", weights_only=True)
+        )
     except (OSError, RuntimeError, KeyError, ValueError) as err:
         raise ConfigError(f"Cannot load --checkpoint {req.checkpoint!r}: {err}") from err
     return model.eval()
@@ -91,7 +110,7 @@ def _check_timm(name: str) -> None:
     close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
     hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
     raise ConfigError(
-        f"Unknown model {name!r}.{hint} Valid models: 'digits-cnn' or any of the {len(known)} "
+        f"Unknown model {name!r}.{hint} Valid models: 'digits-cnn', 'fashion-cnn', 'hf:PATH' or any of the {len(known)} "
         "names in timm.list_models() (e.g. resnet50, vgg19, vit_base_patch16_224, "
         "deit_base_patch16_224)."
     )
@@ -152,6 +171,15 @@ _SOURCES = (
         check=lambda name: None,
         load=_load_digits,
         data=("digits",),
+        pretrained=False,
+    ),
+    ModelSource(
+        "fashion-cnn",
+        "'fashion-cnn' (embedded, trained on first use on Fashion-MNIST)",
+        claims=lambda name: name == "fashion-cnn",
+        check=lambda name: None,
+        load=_load_fashion,
+        data=("fashion-mnist",),
         pretrained=False,
     ),
     ModelSource(
