@@ -49,7 +49,7 @@ def fails(capsys: Any, *argv: str) -> str:
 def test_help_and_missing_command(capsys: Any) -> None:
     assert main(["--help"]) == 0
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps the lines
-    assert [c.name for c in COMMANDS] == ["eval", "report", "serve", "demo"]
+    assert [c.name for c in COMMANDS] == ["eval", "report", "serve", "demo", "train"]
     for command in COMMANDS:
         assert command.name in out and command.help in out
     assert main(["eval", "--help"]) == 0

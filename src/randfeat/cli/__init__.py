@@ -11,6 +11,8 @@ Subcommands, one module each, listed in [COMMANDS][randfeat.cli.COMMANDS]:
   `randfeat eval --target URL` (or any client) to attack.
 - `randfeat demo` ([randfeat.cli.demo][]): the README's first command, an end-to-end run on the
   digits.
+- `randfeat train` ([randfeat.cli.train][]): train a timm model on Fashion-MNIST, resumable, into a
+  checkpoint that `randfeat eval --checkpoint` rebuilds.
 
 Exit codes: 0 done, 2 bad usage (unknown names, bad values, missing data, unwritable output, a
 result file of another configuration or being written by another run), 130 interrupted (rerun
@@ -26,13 +28,19 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from randfeat.cli import demo, eval, report, serve
+from randfeat.cli import demo, eval, report, serve, train
 from randfeat.cli.command import Command, UsageError
 from randfeat.eval.errors import ConfigError
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
-COMMANDS: tuple[Command, ...] = (eval.COMMAND, report.COMMAND, serve.COMMAND, demo.COMMAND)
+COMMANDS: tuple[Command, ...] = (
+    eval.COMMAND,
+    report.COMMAND,
+    serve.COMMAND,
+    demo.COMMAND,
+    train.COMMAND,
+)
 """The subcommands of `randfeat`, in the order `randfeat --help` lists them."""
 
 

@@ -91,6 +91,8 @@ class DataSet:
         optional_path: whether the path may be left out (the loader then finds its files).
         check: a cheap check of `path` before any model is loaded (raises `OSError` or
             `ValueError` with the fix); None: `DataSpec.check_path`'s directory check.
+        split: its train and test images in memory, from `path`, for `randfeat train` (None:
+            not offered for training).
     """
 
     name: str
@@ -106,6 +108,7 @@ class DataSet:
     load: Callable[[str | None, int | None], Pool]
     optional_path: bool = False
     check: Callable[[str | None], object] | None = None
+    split: Callable[[str | None], rf_data.Split] | None = None
 
 
 def _digits(path: str | None, image_size: int | None) -> Pool:
@@ -150,7 +153,7 @@ _DATA_SETS = (
     DataSet("imagenet", "imagenet:PATH", True, PAPER_EPS["linf"], PAPER_EPS["l2"], "paper default", 1000, None, None, True, _imagenet),
     # 28×28 grey images: ℓ∞ 0.1 as for Fashion-MNIST in Croce, Andriushchenko & Hein (AISTATS
     # 2019), ℓ2 1.5 as for MNIST in Schott et al. (ICLR 2019); docs/evaluation.md says more.
-    DataSet("fashion-mnist", "fashion-mnist[:PATH]", True, 0.1, 1.5, "fashion-mnist default", 1000, None, 10, False, _fashion_mnist, True, rf_data.fashion_mnist_root),
+    DataSet("fashion-mnist", "fashion-mnist[:PATH]", True, 0.1, 1.5, "fashion-mnist default", 1000, None, 10, False, _fashion_mnist, True, rf_data.fashion_mnist_root, rf_data.fashion_mnist),
 )  # fmt: skip
 
 DATA_SETS: Mapping[str, DataSet] = MappingProxyType({d.name: d for d in _DATA_SETS})

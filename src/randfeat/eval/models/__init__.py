@@ -3,7 +3,9 @@
 - [randfeat.eval.models.digits][]: the offline default model, trained and cached.
 - [randfeat.eval.models.fashion][]: `fashion-cnn`, the Fashion-MNIST CNN, trained and cached.
 - [randfeat.eval.models.cache][]: how the embedded models are trained on first use and cached.
-- [randfeat.eval.models.timm_models][]: timm models with their normalisation folded in.
+- [randfeat.eval.models.timm_models][]: timm models with their normalisation folded in, stems for
+  small images.
+- [randfeat.eval.models.checkpoint][]: the checkpoints `randfeat train` writes.
 - [randfeat.eval.models.hf_models][]: saved Hugging Face image classifiers (`hf:PATH`), likewise.
 - [randfeat.eval.models.sources][]: which `--model` names load from where.
 """
