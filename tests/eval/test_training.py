@@ -207,3 +207,21 @@ def test_cli_train_prints_how_to_evaluate(
     printed = capsys.readouterr().out
     assert f"randfeat eval --model resnet18 --checkpoint {out} --data fashion-mnist:" in printed
     assert main(["train", "--out", str(out), "--stem", "nope"]) == 2
+
+
+def test_serve_builds_the_trained_model_on_fashion_mnist(fashion_dir: Path, tmp_path: Path) -> None:
+    from randfeat.serve.build import ModelSpec, build
+
+    out = tmp_path / "r18.pt"
+    trained = build_trained(train(_config(fashion_dir, out, train_images=128, test_images=10)))
+    spec = ModelSpec(
+        model="resnet18", checkpoint=str(out), data=f"fashion-mnist:{fashion_dir}", nu=0.0
+    )
+    model, card = build(
+        spec
+    )  # `randfeat serve --model resnet18 --checkpoint ... --data fashion-mnist:...`
+    assert card.input_shape == (1, 28, 28) and card.classes == 10
+    assert card.layers == ("model.fc.pre",)
+    x = torch.rand(3, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(model(x), trained(x))  # ν = 0: the wrapper is the identity
