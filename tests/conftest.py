@@ -87,3 +87,12 @@ def fashion_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = root / "randfeat_fashion_cache"
     path.mkdir(exist_ok=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def fashion_model(fashion_cache_dir: Path) -> rf_models.FashionCNN:
+    """The real fashion-cnn, trained once per test run into `fashion_cache_dir`.
+
+    Only for tests marked to need the real Fashion-MNIST files (Debian's `dataset-fashion-mnist`).
+    """
+    return rf_models.fashion_cnn(root=rf_data.FASHION_MNIST_DEBIAN_DIR, cache_dir=fashion_cache_dir)

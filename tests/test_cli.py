@@ -17,6 +17,7 @@ from torch import nn
 
 from randfeat.cli import COMMANDS, build_parser, main
 from randfeat.cli.eval import settings
+from randfeat.eval.grid.config import EvalConfig
 from randfeat.eval.grid.presets import PRESETS
 from randfeat.eval.resultfile import read_results
 
@@ -237,3 +238,40 @@ def test_preset_settings_and_priorities(tmp_path: Path) -> None:
         )
     )
     assert (c["image_size"], c["num_classes"], c["target_drop"]) == (224, 10, "0.02,0.04")
+
+
+def test_paper_fashion_preset(capsys: Any) -> None:
+    s = settings(
+        build_parser().parse_args(
+            [
+                "eval",
+                "--preset",
+                "paper-fashion",
+                "--model",
+                "fashion-cnn",
+                "--data",
+                "fashion-mnist",
+            ]
+        )
+    )
+    assert (s["n_images"], s["eps"], s["eps_l2"], s["votes"]) == (1000, 0.1, 1.5, 9)
+    assert (s["budgets"], s["defenses"], s["target_drop"]) == (
+        "1000,10000",
+        "base,input,feature",
+        "0.01,0.02,0.04",
+    )
+    assert s["attacks"] == "square-linf,nes-linf,signhunter-linf,rays,signflip,eot-square-linf"
+    cfg = EvalConfig.from_mapping(s)
+    assert cfg.defense_names() == [
+        "base",
+        "input@0.01",
+        "input@0.02",
+        "input@0.04",
+        "feature@0.01",
+        "feature@0.02",
+        "feature@0.04",
+    ]
+    err = fails(
+        capsys, "eval", "--preset", "paper-fashion", "--model", "fashion-cnn", "--data", "digits"
+    )
+    assert "needs --data fashion-mnist[:PATH]" in err

@@ -132,12 +132,6 @@ def test_checkpoint_of_a_state_dict(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- the real CNN
 
 
-@pytest.fixture(scope="session")
-def fashion_model(fashion_cache_dir: Path) -> nn.Module:
-    """The real fashion-cnn, trained once per test run (the xdist workers share the cache)."""
-    return fashion_cnn(root=REAL, cache_dir=fashion_cache_dir)
-
-
 @needs_real_files
 def test_fashion_cnn_reaches_90_percent(fashion_model: nn.Module, fashion_cache_dir: Path) -> None:
     data = fashion_mnist(REAL)
