@@ -44,7 +44,7 @@ def _header(
             "n_images": 400,
             "draws": 50,
             "stopped": "tol",
-            "fast_path": not d.startswith("input"),
+            "path": "full" if d.startswith("input") else "projected",
             "seed": 1,
             "wall_time_s": 0.5,
         }

@@ -124,7 +124,9 @@ class CalibratedDefense(Record):
         n_images: calibration images.
         draws: noise draws per calibration image.
         stopped: why the search stopped (see `randfeat.calibrate_nu`).
-        fast_path: whether the cached-head fast path was used.
+        path: how calibration evaluated the candidates (`Calibration.path`): `"projected"`
+            (noise projected to the logits once, a linear head), `"head"` (the head re-run on
+            cached noisy features) or `"full"` (noisy forwards of the whole model).
         seed: the calibration's seed.
         wall_time_s: seconds the calibration took (a timing field).
     """
@@ -139,7 +141,7 @@ class CalibratedDefense(Record):
     n_images: int
     draws: int
     stopped: str
-    fast_path: bool
+    path: Literal["projected", "head", "full"]
     seed: int
     wall_time_s: float
 

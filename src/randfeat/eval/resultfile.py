@@ -57,7 +57,8 @@ FORMAT = "randfeat-eval"
 """The `format` of every result file's header."""
 FORMAT_VERSION = 2
 """The layout version this randfeat reads and writes. Version 2 judges clean images by the judging
-rule (`wrong_votes` of `votes`); version 1 recorded the plurality vote (`pred`)."""
+rule (`wrong_votes` of `votes`) and names the calibration path (`path`); version 1 recorded the
+plurality vote (`pred`) and `fast_path`."""
 
 _OLD_VERSIONS = {
     1: "version 1 judged clean images by a plurality of votes, not by the judging rule",

@@ -211,7 +211,7 @@ def _calibrate(
                 n_images=r.n_images,
                 draws=r.draws,
                 stopped=r.stopped,
-                fast_path=r.fast_path,
+                path=r.path,
                 seed=seed,
                 wall_time_s=r.wall_time_s,
             )
