@@ -34,7 +34,19 @@ def sample_header() -> Header:
         attacks={"rays": AttackInfo("linf", 0.2, "RayS(eps=0.2)")},
         calibration={
             "feature@0.02": CalibratedDefense(
-                "feature", ("head.pre",), 0.02, 2.5, 0.98, 0.96, 0.02, 400, 50, "tol", "projected", 1, 0.5
+                "feature",
+                ("head.pre",),
+                0.02,
+                2.5,
+                0.98,
+                0.96,
+                0.02,
+                400,
+                50,
+                "tol",
+                "projected",
+                1,
+                0.5,
             )
         },
         attacked_indices=(3, 1, 2),

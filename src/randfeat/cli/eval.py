@@ -18,6 +18,7 @@ from randfeat.cli.command import Command, UsageError, logging_to_stderr
 from randfeat.eval.attacks.registry import ATTACKS
 from randfeat.eval.datasets import DATA_SETS, DataSpec
 from randfeat.eval.errors import ConfigError
+from randfeat.eval.forward import DTYPES
 from randfeat.eval.grid.config import DEFENSE_KINDS, EvalConfig
 from randfeat.eval.grid.presets import PAPER_ATTACKS, PRESETS
 from randfeat.eval.grid.runner import run_eval
@@ -129,6 +130,25 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--batch-size", type=int, metavar="N", help="images per chunk (default 100)")
     r.add_argument(
         "--forward-batch", type=int, metavar="N", help="most rows per model forward (default 1024)"
+    )
+    r.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default=S,
+        help="precision of the model's forward: autocast to bfloat16 / float16; attacks, "
+        "projections, scores and calibration stay float32 (default float32)",
+    )
+    r.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=S,
+        help="NHWC memory format for the model's weights and images (default off)",
+    )
+    r.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=S,
+        help="torch.compile each defended model once; the first forwards compile (default off)",
     )
     r.add_argument("--seed", type=int, metavar="N", help="seed of everything random (default 0)")
     r.add_argument("--device", metavar="DEV", help="'auto' (default), 'cpu', 'cuda', 'cuda:1'")

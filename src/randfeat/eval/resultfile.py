@@ -65,8 +65,9 @@ _OLD_VERSIONS = {
 }
 TIMING_FIELDS = frozenset({"seconds", "wall_time_s"})
 """Fields that vary between identical runs (wall-clock time); leave them out when comparing."""
-NON_RESULT_SETTINGS = frozenset({"quiet", "out", "device", "preset"})
-"""Settings that do not change results: not compared when resuming."""
+NON_RESULT_SETTINGS = frozenset({"quiet", "out", "device", "preset", "channels_last", "compile"})
+"""Settings that do not change results: not compared when resuming (`channels_last` and `compile`
+change the order of floating-point operations, as another device does, not what is computed)."""
 
 
 @dataclass(frozen=True)

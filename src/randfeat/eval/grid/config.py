@@ -16,6 +16,7 @@ import difflib
 import hashlib
 import json
 import math
+import typing
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
@@ -24,6 +25,7 @@ from randfeat.checks import check_positive_float, check_positive_int
 from randfeat.eval.attacks.registry import ATTACKS
 from randfeat.eval.datasets import DataSpec
 from randfeat.eval.errors import ConfigError
+from randfeat.eval.forward import DTYPES, DTypeName, ForwardOptions
 from randfeat.eval.models.sources import ModelSource, model_source
 
 __all__ = ["DEFENSE_KINDS", "SERVED", "EvalConfig", "derive_seed"]
@@ -46,6 +48,8 @@ _LOCAL_ONLY = (
     "calib_draws",
 )
 """Settings of a local model and its defenses, which a run against `--target` cannot have."""
+_FORWARD_SETTINGS = ("dtype", "channels_last", "compile")
+"""How a local model's forward runs; a run against `--target` can only keep their defaults."""
 
 
 # ---------------------------------------------------------------------------- configuration
@@ -71,6 +75,10 @@ class EvalConfig:
             budgets, radii, success votes (D.4) and forwards per EOT query.
         fresh_forwards: forwards per image for `fresh` (`rejudge`).
         batch_size, forward_batch: images per unit (chunk), most rows per model forward.
+        dtype, channels_last, compile: how the defended model's forward runs
+            ([ForwardOptions][randfeat.eval.forward.ForwardOptions]): autocast to `"bfloat16"`
+            or `"float16"` (default `"float32"`: none), NHWC memory format, `torch.compile`.
+            Calibration always runs in float32.
         seed, device, quiet, out, preset: see `randfeat eval --help`.
         target: the URL of a served model (`randfeat serve`) to attack instead of a local model:
             no local calibration, the one defense `served` is whatever the server runs.
@@ -99,6 +107,9 @@ class EvalConfig:
     fresh_forwards: int = 50
     batch_size: int = 100
     forward_batch: int = 1024
+    dtype: str = "float32"
+    channels_last: bool = False
+    compile: bool = False
     seed: int = 0
     device: str = "auto"
     quiet: bool = False
@@ -160,6 +171,9 @@ class EvalConfig:
             fresh_forwards=_opt_int(v, "fresh_forwards") or d.fresh_forwards,
             batch_size=_opt_int(v, "batch_size") or d.batch_size,
             forward_batch=_opt_int(v, "forward_batch") or d.forward_batch,
+            dtype=_choice(v.get("dtype", d.dtype), DTYPES, "dtype"),
+            channels_last=_bool(v, "channels_last", d.channels_last),
+            compile=_bool(v, "compile", d.compile),
             seed=_seed(v.get("seed", d.seed)),
             device=str(v.get("device", d.device)),
             quiet=_bool(v, "quiet", d.quiet),
@@ -191,6 +205,15 @@ class EvalConfig:
     def data_spec(self) -> DataSpec:
         """The parsed `data` setting."""
         return DataSpec.parse(self.data)
+
+    @property
+    def forward_options(self) -> ForwardOptions:
+        """How the defended models' forwards run: `dtype`, `channels_last`, `compile`."""
+        return ForwardOptions(
+            dtype=typing.cast(DTypeName, self.dtype),
+            channels_last=self.channels_last,
+            compile=self.compile,
+        )
 
     def radius(self, norm: Literal["linf", "l2"]) -> float:
         """The radius of the `norm` ball: `eps` (ℓ∞) or `eps_l2`."""
@@ -235,6 +258,13 @@ def _target(v: Mapping[str, Any]) -> str | None:
             f"Expected `target` to be the URL of a served model, e.g. http://127.0.0.1:8000, "
             f"but got {url!r}."
         )
+    fast = [k for k in _FORWARD_SETTINGS if k in v and v[k] != getattr(EvalConfig, k)]
+    if fast:
+        flag = "--" + fast[0].replace("_", "-")
+        raise ConfigError(
+            f"--target attacks a model over HTTP: {flag} sets how a local model's forward runs, "
+            f"and the server runs its own. Drop {flag}."
+        )
     clash = [k for k in _LOCAL_ONLY if k in v]
     if clash:
         flag = "--" + clash[0].replace("_", "-")
@@ -272,6 +302,12 @@ def _names(value: object, valid: Collection[str], what: str) -> tuple[str, ...]:
         if s not in valid:
             raise ConfigError(_unknown(what, s, valid))
     return tuple(items)
+
+
+def _choice(value: object, valid: Collection[str], what: str) -> str:
+    if not isinstance(value, str) or value not in valid:
+        raise ConfigError(_unknown(what, str(value), valid))
+    return value
 
 
 def _strings(value: object, name: str) -> tuple[str, ...]:

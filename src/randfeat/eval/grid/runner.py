@@ -35,7 +35,13 @@ from randfeat.eval.grid.config import EvalConfig
 from randfeat.eval.grid.distributed import Dist, device_name, init_dist
 from randfeat.eval.grid.plan import Plan, load_model, load_pool, prepare
 from randfeat.eval.grid.progress import Progress
-from randfeat.eval.grid.units import UnitRunner, build_attacks, build_defenses, grid_units
+from randfeat.eval.grid.units import (
+    UnitRunner,
+    build_attacks,
+    build_defenses,
+    build_forwards,
+    grid_units,
+)
 from randfeat.eval.oracle import Model
 from randfeat.eval.resultfile import ResultWriter
 from randfeat.wrapper import RandomizedFeatureWrapper
@@ -55,6 +61,10 @@ def run_eval(cfg: EvalConfig) -> Path:
         ResultFileBusy: another run is writing the same result file.
     """
     dist, dev = init_dist(cfg.device)
+    try:
+        cfg.forward_options.check(dev)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     try:
         return _run(cfg, dist, dev)
     finally:
@@ -76,6 +86,7 @@ def _run(cfg: EvalConfig, dist: Dist, dev: torch.device) -> Path:
         x, y = pool.images(attacked)
         runner = UnitRunner(cfg, dev, header, x, y)
         runner.defended = build_defenses(cfg, model, header.calibration)
+        runner.forwards = build_forwards(cfg, runner.defended, dev)
         runner.attacks = build_attacks(cfg)
         try:
             _run_units(cfg, dist, dev, runner, plan, writer)

@@ -22,13 +22,14 @@ from torch import Tensor, nn
 from randfeat.eval.attacks.base import Attack
 from randfeat.eval.attacks.registry import ATTACKS
 from randfeat.eval.defenses import AAA
+from randfeat.eval.forward import Forward, ForwardOptions
 from randfeat.eval.grid.config import SERVED, EvalConfig, derive_seed
 from randfeat.eval.oracle import Model, count_wrong, distance, rejudge
 from randfeat.eval.records import AttackRow, CalibratedDefense, CleanRow, Header, Row, Unit
 from randfeat.eval.remote import HTTPModel
 from randfeat.wrapper import RandomizedFeatureWrapper, wrap
 
-__all__ = ["UnitRunner", "build_attacks", "build_defenses", "grid_units"]
+__all__ = ["UnitRunner", "build_attacks", "build_defenses", "build_forwards", "grid_units"]
 
 
 def grid_units(cfg: EvalConfig, n_chunks: int) -> list[Unit]:
@@ -72,6 +73,21 @@ def build_defenses(
     return out
 
 
+def build_forwards(
+    cfg: EvalConfig, defended: Mapping[str, Model], device: torch.device
+) -> dict[str, Model]:
+    """What the grid calls for each defense: its local models run with `cfg.forward_options`
+    (precision, memory format, compilation; [Forward][randfeat.eval.forward.Forward]), built once
+    per process. With the default options, and for a served model, the defense itself."""
+    options = cfg.forward_options
+    if options == ForwardOptions():
+        return dict(defended)
+    return {
+        name: Forward(m, options, device) if isinstance(m, nn.Module) else m
+        for name, m in defended.items()
+    }
+
+
 @dataclass
 class UnitRunner:
     """What every unit of one run needs: the settings, the attacked images, models and attacks.
@@ -82,7 +98,10 @@ class UnitRunner:
         header: the result file's header.
         x: `[n_attacked, C, H, W]` attacked images, on the CPU, in chunk order.
         y: `[n_attacked]` their labels.
-        defended: defense name → defended model.
+        defended: defense name → defended model (a wrapper's noise stream is reseeded here).
+        forwards: defense name → what the oracle and the judging rule call: the defended model
+            run with the forward options ([build_forwards][randfeat.eval.grid.units.build_forwards]);
+            a defense missing here is called as it is.
         attacks: attack name → attack.
     """
 
@@ -92,6 +111,7 @@ class UnitRunner:
     x: Tensor
     y: Tensor
     defended: dict[str, Model] = field(default_factory=dict)
+    forwards: dict[str, Model] = field(default_factory=dict)
     attacks: dict[str, Attack] = field(default_factory=dict)
 
     def chunk(self, c: int) -> tuple[Tensor, Tensor, list[int]]:
@@ -113,16 +133,25 @@ class UnitRunner:
         parts = (unit.kind, unit.defense, unit.attack, unit.budget, unit.chunk)
         if isinstance(model, RandomizedFeatureWrapper):  # base and AAA are deterministic
             model.manual_seed(derive_seed(self.cfg.seed, "noise", *parts))
+        call = self.forwards.get(unit.defense, model)
+        randomized = _randomized(model)
         if unit.kind == "clean":
-            return self._clean(unit, model, x, y, images, t0)
+            return self._clean(unit, call, randomized, x, y, images, t0)
         seed = derive_seed(self.cfg.seed, "attack", *parts)
-        return self._attack(unit, model, x, y, images, seed, t0)
+        return self._attack(unit, call, randomized, x, y, images, seed, t0)
 
     def _clean(
-        self, unit: Unit, model: Model, x: Tensor, y: Tensor, images: list[int], t0: float
+        self,
+        unit: Unit,
+        model: Model,
+        randomized: bool,
+        x: Tensor,
+        y: Tensor,
+        images: list[int],
+        t0: float,
     ) -> list[Row]:
         """The judging rule at the clean images; a deterministic defense needs one forward."""
-        votes = self.cfg.votes if _randomized(model) else 1
+        votes = self.cfg.votes if randomized else 1
         wrong = count_wrong(model, x, y, votes=votes, batch_size=self.cfg.forward_batch)
         seconds = time.perf_counter() - t0
         return [
@@ -134,6 +163,7 @@ class UnitRunner:
         self,
         unit: Unit,
         model: Model,
+        randomized: bool,
         x: Tensor,
         y: Tensor,
         images: list[int],
@@ -149,7 +179,7 @@ class UnitRunner:
         )
         # Deterministic defenses (base, AAA) need one forward: the fooling probability is 0 or 1.
         # rejudge repeats each image `forwards` times at once: pass it at most forward_batch rows.
-        forwards = cfg.fresh_forwards if _randomized(model) else 1
+        forwards = cfg.fresh_forwards if randomized else 1
         step = max(1, cfg.forward_batch // forwards)
         fresh = torch.cat(
             [
