@@ -84,7 +84,7 @@ def _run(cfg: EvalConfig, dist: Dist, dev: torch.device) -> Path:
         header = plan.header
         attacked = torch.tensor(header.attacked_indices, dtype=torch.long)
         x, y = pool.images(attacked)
-        runner = UnitRunner(cfg, dev, header, x, y)
+        runner = UnitRunner(cfg, dev, header.attacked_indices, x, y)
         runner.defended = build_defenses(cfg, model, header.calibration)
         runner.forwards = build_forwards(cfg, runner.defended, dev)
         runner.attacks = build_attacks(cfg)

@@ -25,7 +25,7 @@ from randfeat.eval.defenses import AAA
 from randfeat.eval.forward import Forward, ForwardOptions
 from randfeat.eval.grid.config import SERVED, EvalConfig, derive_seed
 from randfeat.eval.oracle import Model, count_wrong, distance, rejudge
-from randfeat.eval.records import AttackRow, CalibratedDefense, CleanRow, Header, Row, Unit
+from randfeat.eval.records import AttackRow, CalibratedDefense, CleanRow, Row, Unit
 from randfeat.eval.remote import HTTPModel
 from randfeat.wrapper import RandomizedFeatureWrapper, wrap
 
@@ -95,7 +95,8 @@ class UnitRunner:
     Attributes:
         cfg: the settings.
         device: where the images and models live.
-        header: the result file's header.
+        images: the dataset indices of the attacked images, in chunk order (the header's
+            `attacked_indices`).
         x: `[n_attacked, C, H, W]` attacked images, on the CPU, in chunk order.
         y: `[n_attacked]` their labels.
         defended: defense name → defended model (a wrapper's noise stream is reseeded here).
@@ -107,7 +108,7 @@ class UnitRunner:
 
     cfg: EvalConfig
     device: torch.device
-    header: Header
+    images: tuple[int, ...]
     x: Tensor
     y: Tensor
     defended: dict[str, Model] = field(default_factory=dict)
@@ -118,7 +119,7 @@ class UnitRunner:
         """The images, labels and dataset indices of chunk `c`, on the device."""
         bs = self.cfg.batch_size
         sl = slice(c * bs, (c + 1) * bs)
-        images = list(self.header.attacked_indices[sl])
+        images = list(self.images[sl])
         return self.x[sl].to(self.device), self.y[sl].to(self.device), images
 
     def run(self, unit: Unit) -> list[Row]:
