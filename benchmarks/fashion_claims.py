@@ -29,6 +29,8 @@ Usage:
 
     OMP_NUM_THREADS=1 python benchmarks/fashion_claims.py --out bench-out/fashion \\
         --resnet18 ~/.cache/randfeat/fashion-resnet18.pt             # the full run
+    OMP_NUM_THREADS=1 python benchmarks/fashion_claims.py --out bench-out/fashion --scale medium \\
+        --resnet18 ~/.cache/randfeat/fashion-resnet18.pt             # half the images (the page's)
     OMP_NUM_THREADS=1 python benchmarks/fashion_claims.py --out /tmp/fc --quick --no-write
 """
 
