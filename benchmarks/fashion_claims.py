@@ -631,12 +631,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "to check the script runs; writes nothing)",
     )
     p.add_argument("--quick", action="store_true", help="the same as --scale quick")
+    p.add_argument(
+        "--only",
+        metavar="PREFIX",
+        help="run only the experiments whose name starts with PREFIX (cnn, resnet18, cnn-depth, ...)"
+        "; the report still reads every file in --out",
+    )
     p.add_argument("--only-report", action="store_true", help="do not run; tabulate the files")
     p.add_argument("--no-write", action="store_true", help="print the page body, write nothing")
     args = p.parse_args(argv)
     out = Path(args.out).expanduser()
     name = "quick" if args.quick else args.scale
     exps = experiments(SCALES[name], args.resnet18)
+    if args.only:
+        exps = [e for e in exps if e.name.startswith(args.only)]
+        if not exps:
+            p.error(f"--only {args.only!r} matches no experiment of this run")
     seconds = worker_seconds(out, {} if args.only_report else run_all(exps, out, args.workers))
     cmd = "python benchmarks/fashion_claims.py " + " ".join(sys.argv[1:] if argv is None else argv)
     print(report(out, seconds, not args.no_write and name != "quick", cmd))
