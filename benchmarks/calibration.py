@@ -83,6 +83,9 @@ def main() -> None:
     p.add_argument("--n-images", type=int, default=2000)
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=128, help="rows per forward (clean and noisy)")
+    p.add_argument(
+        "--num-classes", type=int, default=None, help="classes of the head (default: timm's 1000)"
+    )
     p.add_argument("--targets", type=float, nargs="+", default=[0.01, 0.02, 0.04])
     p.add_argument("--fast-layer", default=None, help="default: fc.pre (ResNet) / head.pre (ViT)")
     p.add_argument("--mid-layer", default=None, help="default: layer3 (ResNet) / blocks.6 (ViT)")
@@ -110,6 +113,8 @@ def main() -> None:
     kw: dict[str, object] = {"pretrained": False}
     if fam in ("vit", "deit"):
         kw["img_size"] = args.image_size
+    if args.num_classes is not None:
+        kw["num_classes"] = args.num_classes
     model = timm.create_model(args.model, **kw).eval().to(device)
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.rand(args.n_images, 3, args.image_size, args.image_size, generator=gen).to(device)
@@ -176,7 +181,8 @@ def main() -> None:
             + (" --skip-fallback" if args.skip_fallback else "")
             + "`",
             "",
-            f"Machine: {describe_machine(device)}. Random weights; labels = the model's own clean "
+            f"Machine: {describe_machine(device)}. Random weights, "
+            f"{model.get_classifier().out_features} classes; labels = the model's own clean "
             "predictions (base accuracy 100%). Targets "
             f"{', '.join(str(t) for t in args.targets)} in one call. One plain clean pass over the "
             f"same {args.n_images} images: {clean:.2f} s (median of {args.rounds}); each path's "
@@ -193,6 +199,7 @@ def main() -> None:
         title = (
             f"Calibration cost, {args.model} {args.image_size}×{args.image_size}, "
             f"{args.n_images} images"
+            + ("" if args.num_classes is None else f", {args.num_classes} classes")
         )
         replace_section(title, body, device)
 
