@@ -158,7 +158,8 @@ def build(spec: ModelSpec) -> tuple[nn.Module, ModelCard]:
         return model, card
     nu = spec.nu
     if nu is None:
-        assert pool is not None  # checked above: calibration has data
+        if pool is None:  # pragma: no cover - the checks above load data whenever ν is calibrated
+            raise ConfigError("Calibrating ν needs --data; pass --data or a fixed --nu.")
         x, y = _calibration_images(spec, pool)
         try:
             cal = calibrate_nu(

@@ -115,8 +115,7 @@ def image_size(cfg: EvalConfig, model: Model) -> int | None:
         return cfg.image_size
     if isinstance(model, HTTPModel):
         return model.info.input_shape[-1]
-    assert isinstance(model, nn.Module)  # load_model gives a module unless there is a target
-    return model_source(cfg.model).native_size(model) or 224
+    return model_source(cfg.model).native_size(_local(model)) or 224
 
 
 def load_pool(cfg: EvalConfig, size: int | None) -> Pool:
@@ -257,7 +256,7 @@ def _new_header(
             raise ConfigError(f"{err} (--image-size resizes CIFAR-10 / ImageFolder data.)") from err
         classes, parameters, served = model.info.classes, 0, model.info.to_json()
     else:
-        assert isinstance(model, nn.Module)  # load_model gives a module unless there is a target
+        model = _local(model)
         model.to(dev)
         with torch.no_grad():
             classes = int(model(x0.to(dev)).shape[-1])
@@ -363,3 +362,13 @@ def prepare(
     if kept:
         logger.info("Resuming %s: %d row(s) already done.", writer.path, len(kept))
     return Plan(header, frozenset(done), size), model, pool
+
+
+def _local(model: Model) -> nn.Module:
+    """`model` as the local module `load_model` returns unless there is a `--target`."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"Expected a local torch model (an nn.Module) without --target, but got "
+            f"{type(model).__name__}."
+        )
+    return model
