@@ -2,12 +2,15 @@
 
 For each model (the digits CNN, a timm resnet18 at 32×32 with 10 classes), defended with feature
 noise on its penultimate layer, a server runs in its own process on 127.0.0.1 (one worker,
-`--threads` torch threads) and one client process sends single-image `.npy` requests from 1, 16
-and 64 concurrent connections (asyncio + httpx), a bounded number of requests per level
-(`--requests`, at most `--seconds`). Reported: requests/s, p50 and p99 latency, and the ratio to
-the model's offline batched throughput (images/s of one in-process forward of `--max-batch`
-images, same threads). Two server settings: micro-batching on (`--max-batch`, `--max-wait-ms`) and
-off (`max_batch=1`: one forward per request).
+`--threads` torch threads) and a load generator sends single-image `.npy` requests from 1, 16 and
+64 concurrent connections, a bounded number of requests per level (`--requests`; killed after
+`--seconds`). The load generator is `hey` (Go; `apt-get install hey`) when it is installed, else
+asyncio + httpx in this process (`--client`). Reported: requests/s, p50 and p99 latency, the ratio
+to the model's offline batched throughput (images/s of one in-process forward of `--max-batch`
+images, same threads), and where the CPU went: the client's and the server's CPU time per request,
+the server's busiest thread (the inference thread for resnet18), and the machine's idle and
+stolen (hypervisor) share of its core-seconds. Two server settings: micro-batching on
+(`--max-batch`, `--max-wait-ms`) and off (`max_batch=1`: one forward per request).
 
 Targets (issue 13): with micro-batching, ≥ 2× the unbatched throughput at 16 clients, and ≥ 50% of
 the offline batched throughput for resnet18.
@@ -18,8 +21,9 @@ Usage:
     python benchmarks/serve.py --requests 100 --models digits-cnn    # a quick check
     python benchmarks/serve.py --write               # replace "Serving" in docs/benchmarks.md
 
-The client and the server share the machine: on few cores the client's own work (about half a
-millisecond per request) is part of what is measured; the table says how many cores there were.
+The client and the server share the machine, so the client's own CPU time is part of what is
+measured: about 0.3 ms per request for `hey`, 3-7 ms for asyncio + httpx (which is why httpx made
+throughput fall at 64 clients). The table says which client ran.
 """
 
 from __future__ import annotations
@@ -27,10 +31,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +59,7 @@ NU = 0.1  # a feature-noise variance: its value does not change the cost
 def build(name: str) -> tuple[nn.Module, tuple[int, int, int]]:
     """The defended model and its input shape `(C, H, W)`."""
     torch.manual_seed(0)
+    model: nn.Module
     if name == "digits-cnn":
         from randfeat.eval.models import digits_cnn
 
@@ -91,15 +99,83 @@ def offline_throughput(name: str, batch: int, threads: int, seconds: float = 3.0
 
 
 @dataclass(frozen=True)
+class CPU:
+    """CPU seconds used so far by this process and its finished children (the `hey` client), by
+    each thread of the server process, and the machine's stolen and idle core-seconds, read from
+    /proc (Linux; zeros elsewhere)."""
+
+    client: float
+    threads: dict[int, float]
+    steal: float
+    idle: float
+
+    @staticmethod
+    def now(server_pid: int) -> CPU:
+        tick = os.sysconf("SC_CLK_TCK")
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+        client = own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+        try:
+            tasks = Path(f"/proc/{server_pid}/task")
+            threads = {int(t.name): _ticks(t / "stat") / tick for t in tasks.iterdir()}
+            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+            idle, steal = int(fields[3]) / tick, int(fields[7]) / tick
+        except (OSError, IndexError, ValueError):
+            return CPU(client, {}, 0.0, 0.0)
+        return CPU(client, threads, steal, idle)
+
+    def since(self, before: CPU) -> tuple[float, float]:
+        """Server CPU seconds since `before`: all threads, and its busiest thread."""
+        deltas = [t - before.threads.get(tid, 0.0) for tid, t in self.threads.items()]
+        return sum(deltas), max(deltas, default=0.0)
+
+
+def _ticks(stat: Path) -> int:
+    """utime + stime of a /proc stat file (fields 14 and 15, after the command's parentheses)."""
+    rest = stat.read_text().rsplit(")", 1)[1].split()
+    return int(rest[11]) + int(rest[12])
+
+
+@dataclass(frozen=True)
 class Load:
+    client: str
     clients: int
     requests: int
     rps: float
     p50_ms: float
     p99_ms: float
+    client_ms: float  # client CPU per request
+    server_ms: float  # server CPU per request (all threads)
+    busiest_ms: float  # the server's busiest thread per request
+    steal: float  # fraction of the machine's core-seconds stolen by the hypervisor
+    idle: float  # fraction of the machine's core-seconds idle
+
+    @staticmethod
+    def of(
+        client: str, clients: int, seconds: list[float], elapsed: float, c0: CPU, c1: CPU
+    ) -> Load:
+        ms, n = sorted(1000 * t for t in seconds), len(seconds)
+        cores = (os.cpu_count() or 1) * elapsed
+        server, busiest = c1.since(c0)
+        return Load(
+            client,
+            clients,
+            n,
+            n / elapsed,
+            statistics.median(ms),
+            ms[min(n - 1, int(0.99 * n))],
+            1000 * (c1.client - c0.client) / n,
+            1000 * server / n,
+            1000 * busiest / n,
+            (c1.steal - c0.steal) / cores,
+            (c1.idle - c0.idle) / cores,
+        )
 
 
-async def _load(url: str, body: bytes, clients: int, requests: int, seconds: float) -> Load:
+async def _httpx_load(
+    url: str, body: bytes, clients: int, requests: int, seconds: float, server_pid: int
+) -> Load:
+    """`clients` concurrent connections of one asyncio + httpx client, `requests` in all."""
     headers = {"Content-Type": NPY, "Accept": NPY}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     latencies: list[float] = []
@@ -118,17 +194,36 @@ async def _load(url: str, body: bytes, clients: int, requests: int, seconds: flo
         warm = time.perf_counter() + seconds
         await asyncio.gather(*(one_client(3, warm, False) for _ in range(clients)))
         per_client = max(1, requests // clients)
-        t0 = time.perf_counter()
+        c0, t0 = CPU.now(server_pid), time.perf_counter()
         await asyncio.gather(*(one_client(per_client, t0 + seconds, True) for _ in range(clients)))
-        elapsed = time.perf_counter() - t0
-    ms = sorted(1000 * t for t in latencies)
-    return Load(
-        clients,
-        len(ms),
-        len(ms) / elapsed,
-        statistics.median(ms),
-        ms[min(len(ms) - 1, int(0.99 * len(ms)))],
-    )
+        elapsed, c1 = time.perf_counter() - t0, CPU.now(server_pid)
+    return Load.of("httpx", clients, latencies, elapsed, c0, c1)
+
+
+def _hey(url: str, body: Path, clients: int, requests: int, seconds: float) -> list[list[str]]:
+    """One run of `hey` (a load generator written in Go): its per-request CSV rows."""
+    cmd = ["hey", "-n", str(requests), "-c", str(clients), "-m", "POST", "-T", NPY, "-A", NPY]
+    cmd += ["-D", str(body), "-t", "120", "-o", "csv", url + "/v1/predict"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds, check=True).stdout
+    rows = [line.split(",") for line in out.splitlines()[1:] if line.strip()]
+    bad = [r for r in rows if r[6] != "200"]
+    if bad or not rows:
+        raise RuntimeError(f"hey: {len(bad)} of {len(rows)} requests failed: {bad[:3]}")
+    return rows
+
+
+def _hey_load(
+    url: str, body: Path, clients: int, requests: int, seconds: float, server_pid: int
+) -> Load:
+    """`clients` concurrent connections of `hey`, `requests` in all, killed after `seconds`."""
+    _hey(url, body, clients, 3 * clients, seconds)  # warm-up: connections, allocator
+    c0 = CPU.now(server_pid)
+    rows = _hey(url, body, clients, max(requests, clients), seconds)
+    c1 = CPU.now(server_pid)
+    # columns: response-time, DNS+dialup, DNS, request-write, response-delay, response-read,
+    # status-code, offset (seconds since the run started, when the request was sent)
+    elapsed = max(float(r[7]) + float(r[0]) for r in rows)
+    return Load.of("hey", clients, [float(r[0]) for r in rows], elapsed, c0, c1)
 
 
 def _free_port() -> int:
@@ -158,7 +253,17 @@ def measure_server(
                     raise RuntimeError(f"the server for {name} did not start") from None
                 time.sleep(0.2)
         body = encode_npy(np.random.default_rng(0).random((1, *shape), dtype=np.float32))
-        return [asyncio.run(_load(url, body, c, args.requests, args.seconds)) for c in args.clients]
+        if args.client == "httpx":
+            return [
+                asyncio.run(_httpx_load(url, body, c, args.requests, args.seconds, proc.pid))
+                for c in args.clients
+            ]
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "image.npy"
+            path.write_bytes(body)
+            return [
+                _hey_load(url, path, c, args.requests, args.seconds, proc.pid) for c in args.clients
+            ]
     finally:
         proc.terminate()
         proc.wait(60)
@@ -173,6 +278,12 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the server")
+    p.add_argument(
+        "--client",
+        choices=("hey", "httpx"),
+        default="hey" if shutil.which("hey") else "httpx",
+        help="load generator: hey (Go; apt-get install hey), or asyncio + httpx in this process",
+    )
     p.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     p.add_argument("--serve-child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
@@ -182,8 +293,13 @@ def main() -> None:
         serve_child(args)
         return
 
-    rows = ["| model | server | clients | requests | req/s | p50 ms | p99 ms | ÷ offline |"]
-    rows.append("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    rows = [
+        "| model | server | client | clients | requests | req/s | p50 ms | p99 ms | ÷ offline "
+        "| client CPU ms/req | server CPU ms/req | busiest thread ms/req | idle | stolen |"
+    ]
+    rows.append(
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
     notes = []
     for name in args.models:
         _, shape = build(name)
@@ -193,8 +309,10 @@ def main() -> None:
             results[label] = measure_server(name, args, max_batch, shape)
             for r in results[label]:
                 rows.append(
-                    f"| {name} | {label} | {r.clients} | {r.requests} | {r.rps:.0f} | "
-                    f"{r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.rps / offline:.2f} |"
+                    f"| {name} | {label} | {r.client} | {r.clients} | {r.requests} | {r.rps:.0f} | "
+                    f"{r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.rps / offline:.2f} | "
+                    f"{r.client_ms:.2f} | {r.server_ms:.2f} | {r.busiest_ms:.2f} | "
+                    f"{r.idle:.0%} | {r.steal:.0%} |"
                 )
                 print(rows[-1], flush=True)
         by = {lab: {r.clients: r for r in rs} for lab, rs in results.items()}
@@ -205,6 +323,16 @@ def main() -> None:
             mb, ub = by["micro-batched"][16].rps, by["unbatched"][16].rps
             line += f"; at 16 clients micro-batching gives {mb / ub:.2f}× the unbatched req/s"
             line += f" and {mb / offline:.0%} of the offline throughput"
+            r = by["micro-batched"][16]
+            cores = (os.cpu_count() or 1) * (1 - r.steal)
+            ceiling = 1000 * cores / (r.client_ms + r.server_ms)
+            line += (
+                f"; CPU per request {r.client_ms:.2f} ms client + {r.server_ms:.2f} ms server "
+                f"({1000 / offline:.2f} ms is the offline forward of one image), so "
+                f"{os.cpu_count()} cores less the {r.steal:.0%} stolen serve at most "
+                f"{ceiling:.0f} req/s ({ceiling / offline:.0%} of offline) with the client on "
+                "the same machine"
+            )
         notes.append(line + ".")
     cmd = " ".join(["python benchmarks/serve.py", *sys.argv[1:]]).replace(" --write", "")
     body = "\n".join(
