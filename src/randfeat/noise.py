@@ -26,7 +26,6 @@ __all__ = [
     "ONNX_REFUSAL",
     "NoiseRNG",
     "Variance",
-    "add_noise",
     "check_feature",
     "in_graph",
     "per_layer",
@@ -276,13 +275,6 @@ def check_feature(feature: object, where: str) -> Tensor:
             "tensor. Choose a layer whose output (or input, with '.pre') is a float tensor."
         )
     return feature
-
-
-def add_noise(feature: Tensor, sigma: float | Tensor, gen: torch.Generator) -> Tensor:
-    """Return `feature + sigma * ε` with `ε ~ N(0, I)` drawn like `feature` (device, dtype,
-    memory format), independently per sample."""
-    delta = torch.empty_like(feature).normal_(generator=gen)
-    return feature + delta * sigma
 
 
 def per_layer(nu: object, keys: list[str], specs: list[str]) -> dict[str, Variance]:

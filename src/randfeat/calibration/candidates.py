@@ -2,7 +2,10 @@ r"""How a candidate ν is evaluated: the correct draws among N·draws, by one of
 
 Every path uses common random numbers: the noise stream restarts at the same seed for every
 candidate (or is drawn once), so each draw moves along a fixed ray $h + s\,\sigma \odot \varepsilon$,
-$s = \sqrt{\nu}$, and two candidates differ only by ν.
+$s = \sqrt{\nu}$, and two candidates differ only by ν. The projected and cached-head paths draw
+ε in antithetic pairs ([antithetic_normal][randfeat.calibration.candidates.antithetic_normal]:
+ε and −ε for each image), which halves the normals drawn and the projection's work and, for a
+linear head, never lets both draws of a pair fail through the same class.
 
 - [ProjectedLogits][randfeat.calibration.candidates.ProjectedLogits]: a linear head whose output is
   the logits. The noise is drawn and projected to the logits once; each candidate then costs one
@@ -29,7 +32,7 @@ from randfeat.calibration.clean_pass import CleanPass
 from randfeat.calibration.data import Batches
 from randfeat.calibration.search import NonFiniteLogits
 from randfeat.layers import resolve_layers
-from randfeat.noise import add_noise, sigma_for
+from randfeat.noise import sigma_for
 from randfeat.outputs import logits_of
 from randfeat.wrapper import RandomizedFeatureWrapper
 
@@ -39,6 +42,7 @@ __all__ = [
     "Counter",
     "FullForwards",
     "ProjectedLogits",
+    "antithetic_normal",
     "correct_intervals",
     "counter",
 ]
@@ -80,6 +84,35 @@ def counter(
             resolve_layers(model, keys)[0].module, clean, keys[0], spec, draws, rows, seed, bar
         )
     return FullForwards(model, source, clean, keys, spec, draws, rows, seed, bar)
+
+
+def antithetic_normal(
+    images: int, draws: int, shape: tuple[int, ...], like: Tensor, gen: torch.Generator
+) -> Tensor:
+    r"""`[images, draws, *shape]` standard normals in antithetic pairs (Hammersley and Morton, 1956).
+
+    Draws $0 \ldots h-1$ of each image are i.i.d. $\varepsilon_k \sim \mathcal{N}(0, I)$, $h =
+    \lceil draws / 2 \rceil$, and draws $h \ldots draws-1$ are $-\varepsilon_0, -\varepsilon_1, \ldots$:
+    every draw is still $\mathcal{N}(0, I)$, so the mean over draws stays unbiased, and only $h$
+    draws are generated (and, on the projected path, projected). For a linear head the two draws of
+    a pair move the logits in opposite directions, $z \pm s\,p$: for a clean-correct image both
+    fail at the same $s$ only through two different classes, so the pair's failures are negatively
+    correlated in the usual case and the estimate of the accuracy is no noisier than with
+    independent draws (tests/calibration/test_candidates.py measures it).
+
+    Args:
+        images: images in the chunk.
+        draws: draws per image.
+        shape: the shape of one draw (a feature's shape without the batch dimension).
+        like: gives the dtype and device.
+        gen: the generator; `images · h · prod(shape)` normals are taken from it.
+
+    Returns:
+        `[images, draws, *shape]`, image-major as `repeat_interleave(draws, 0)` lays rows out.
+    """
+    half = (draws + 1) // 2
+    eps = like.new_empty((images, half, *shape)).normal_(generator=gen)
+    return torch.cat([eps, eps[:, : draws - half].neg()], 1)
 
 
 def _head_images(rows: int, width: int, draws: int) -> int:
@@ -165,7 +198,8 @@ class CachedHead:
         for f, y in zip(
             self.features.split(self.images), self.labels.split(self.images), strict=True
         ):
-            noisy = add_noise(f.repeat_interleave(self.draws, 0), sigma, gen)
+            eps = antithetic_normal(f.shape[0], self.draws, tuple(f.shape[1:]), f, gen)
+            noisy = f.repeat_interleave(self.draws, 0) + eps.flatten(0, 1) * sigma
             out = logits_of(self.head(noisy))
             bad |= ~torch.isfinite(out).all()
             hits += (out.argmax(1) == y.repeat_interleave(self.draws)).sum()
@@ -182,8 +216,9 @@ class ProjectedLogits:
     With $g(h) = W h + b$ the noisy logits of a draw are $z + \sqrt{\nu}\,p$, where $z$ is the
     clean logits and $p = W(\sigma \odot \varepsilon)$: $W\delta \sim \mathcal{N}(0, \nu\,W \Sigma
     W^\top)$ ($\sigma = 1$ for isotropic noise, $\sqrt{\mathrm{Var}(h)}$ per feature for
-    feature-variance noise). ε is drawn from the seed in the chunks `CachedHead` uses, so both paths
-    judge the same draws; each draw's interval of $\sqrt{\nu}$ on which it stays correct is found
+    feature-variance noise). ε is drawn from the seed in antithetic pairs in the chunks `CachedHead`
+    uses, so both paths judge the same draws, and only the first draw of each pair is projected (the
+    second is $-p$); each draw's interval of $\sqrt{\nu}$ on which it stays correct is found
     once ([correct_intervals][randfeat.calibration.candidates.correct_intervals]), and a candidate
     counts the draws whose interval holds $\sqrt{\nu}$.
     """
@@ -224,12 +259,12 @@ class ProjectedLogits:
         for z, y in zip(
             self.logits.split(self.images), self.labels.split(self.images), strict=True
         ):
-            eps = weight.new_empty(z.shape[0] * self.draws, width).normal_(generator=gen)
-            for zc, yc, ec in zip(
-                z.split(step), y.split(step), eps.split(step * self.draws), strict=True
-            ):
-                p = nn.functional.linear(ec.to(compute), projection)
-                lo, hi = correct_intervals(zc, yc, p.view(zc.shape[0], self.draws, -1))
+            half = (self.draws + 1) // 2
+            eps = weight.new_empty((z.shape[0], half, width)).normal_(generator=gen)
+            for zc, yc, ec in zip(z.split(step), y.split(step), eps.split(step), strict=True):
+                p = nn.functional.linear(ec.to(compute), projection)  # [m, half, K]
+                p = torch.cat([p, p[:, : self.draws - half].neg()], 1)
+                lo, hi = correct_intervals(zc, yc, p)
                 lo_parts.append(lo)
                 hi_parts.append(hi)
         self.head_evals += self.logits.shape[0] * self.draws
