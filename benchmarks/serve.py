@@ -295,43 +295,41 @@ def main() -> None:
 
     rows = [
         "| model | server | client | clients | requests | req/s | p50 ms | p99 ms | ÷ offline "
-        "| client CPU ms/req | server CPU ms/req | busiest thread ms/req | idle | stolen |"
+        "| ÷ offline at batch = clients | client CPU ms/req | server CPU ms/req "
+        "| busiest thread ms/req | idle | stolen |"
     ]
-    rows.append(
-        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
-    )
+    rows.append("| --- | --- | --- |" + " ---: |" * 12)
     notes = []
     for name in args.models:
         _, shape = build(name)
-        offline = offline_throughput(name, args.max_batch, args.threads)
+        sizes = sorted({min(c, args.max_batch) for c in args.clients} | {args.max_batch})
+        offline = {b: offline_throughput(name, b, args.threads) for b in sizes}
+        full = offline[args.max_batch]
         results = {}
         for label, max_batch in (("micro-batched", args.max_batch), ("unbatched", 1)):
             results[label] = measure_server(name, args, max_batch, shape)
             for r in results[label]:
+                at = offline[min(r.clients, args.max_batch)]
                 rows.append(
                     f"| {name} | {label} | {r.client} | {r.clients} | {r.requests} | {r.rps:.0f} | "
-                    f"{r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.rps / offline:.2f} | "
+                    f"{r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.rps / full:.2f} | {r.rps / at:.2f} | "
                     f"{r.client_ms:.2f} | {r.server_ms:.2f} | {r.busiest_ms:.2f} | "
                     f"{r.idle:.0%} | {r.steal:.0%} |"
                 )
                 print(rows[-1], flush=True)
         by = {lab: {r.clients: r for r in rs} for lab, rs in results.items()}
-        line = (
-            f"- {name}: offline batched throughput {offline:.0f} images/s (batch {args.max_batch})"
-        )
+        sizes_text = ", ".join(f"{offline[b]:.0f} at batch {b}" for b in sizes)
+        line = f"- {name}: offline throughput (images/s) {sizes_text}"
         if 16 in args.clients:
             mb, ub = by["micro-batched"][16].rps, by["unbatched"][16].rps
             line += f"; at 16 clients micro-batching gives {mb / ub:.2f}× the unbatched req/s"
-            line += f" and {mb / offline:.0%} of the offline throughput"
-            r = by["micro-batched"][16]
-            cores = (os.cpu_count() or 1) * (1 - r.steal)
-            ceiling = 1000 * cores / (r.client_ms + r.server_ms)
+        for c in args.clients:
+            r = by["micro-batched"][c]
             line += (
-                f"; CPU per request {r.client_ms:.2f} ms client + {r.server_ms:.2f} ms server "
-                f"({1000 / offline:.2f} ms is the offline forward of one image), so "
-                f"{os.cpu_count()} cores less the {r.steal:.0%} stolen serve at most "
-                f"{ceiling:.0f} req/s ({ceiling / offline:.0%} of offline) with the client on "
-                "the same machine"
+                f"; micro-batched at {c} clients: {r.rps / full:.0%} of the offline throughput "
+                f"at batch {args.max_batch} ({r.rps / offline[min(c, args.max_batch)]:.0%} of "
+                f"it at batch {min(c, args.max_batch)}), the inference thread "
+                f"{r.busiest_ms * r.rps / 1000:.0%} busy"
             )
         notes.append(line + ".")
     cmd = " ".join(["python benchmarks/serve.py", *sys.argv[1:]]).replace(" --write", "")
@@ -340,7 +338,11 @@ def main() -> None:
             f"Machine: {describe_machine()}; server: 1 worker, {args.threads} torch thread(s); "
             f"micro-batching `max_batch={args.max_batch}`, `max_wait_ms={args.max_wait_ms:g}`. "
             "Single-image `.npy` requests on 127.0.0.1, client and server on the same machine. "
-            "`÷ offline`: requests/s over the images/s of in-process forwards of a full batch.",
+            "`÷ offline`: requests/s over the images/s of in-process forwards of a full batch; "
+            "`÷ offline at batch = clients`: over those of batches of as many images as there are "
+            "clients (at most `max_batch`), the most a server can merge when each client has one "
+            "request in flight. CPU columns: per request, from /proc; idle and stolen: the "
+            "machine's share of its core-seconds.",
             "",
             *rows,
             "",

@@ -278,6 +278,24 @@ def test_correct_intervals_match_argmax_along_the_ray() -> None:
 
 
 # ---------------------------------------------------------------------------- antithetic draws
+@pytest.mark.parametrize("draws", [3, 4, 6])
+def test_correct_intervals_of_antithetic_partners_equal_the_negated_draws(draws: int) -> None:
+    """Given h draws and `draws` > h, the partners' intervals come from the same pass (−min for
+    −p): bit for bit those of the draws written out with their negations, ties included."""
+    gen = torch.Generator().manual_seed(1)
+    m, k, half = 300, 5, (draws + 1) // 2
+    z = torch.randint(-2, 3, (m, k), generator=gen).double()
+    y = torch.randint(0, k, (m,), generator=gen)
+    p = torch.randint(-3, 4, (m, half, k), generator=gen).double()
+    full = torch.cat([p, -p[:, : draws - half]], 1)
+    lo, hi = correct_intervals(z, y, p.clone(), draws)
+    want_lo, want_hi = correct_intervals(z, y, full.clone())
+    assert torch.equal(lo, want_lo) and torch.equal(hi, want_hi)
+    assert bool(torch.isfinite(hi).any() & torch.isinf(lo).any())
+    with pytest.raises(ValueError, match="draws"):
+        correct_intervals(z, y, p.clone(), 2 * half + 1)
+
+
 @pytest.mark.parametrize("draws", [1, 2, 5, 20])
 def test_antithetic_normal_pairs_each_draw_with_its_negation(draws: int) -> None:
     """Draws h..draws-1 of every image are the negations of draws 0..; the first h are the

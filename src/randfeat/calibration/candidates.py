@@ -263,8 +263,7 @@ class ProjectedLogits:
             eps = weight.new_empty((z.shape[0], half, width)).normal_(generator=gen)
             for zc, yc, ec in zip(z.split(step), y.split(step), eps.split(step), strict=True):
                 p = nn.functional.linear(ec.to(compute), projection)  # [m, half, K]
-                p = torch.cat([p, p[:, : self.draws - half].neg()], 1)
-                lo, hi = correct_intervals(zc, yc, p)
+                lo, hi = correct_intervals(zc, yc, p, self.draws)  # and the partners -p
                 lo_parts.append(lo)
                 hi_parts.append(hi)
         self.head_evals += self.logits.shape[0] * self.draws
@@ -273,7 +272,9 @@ class ProjectedLogits:
         return self.bounds
 
 
-def correct_intervals(logits: Tensor, y: Tensor, noise: Tensor) -> tuple[Tensor, Tensor]:
+def correct_intervals(
+    logits: Tensor, y: Tensor, noise: Tensor, draws: int | None = None
+) -> tuple[Tensor, Tensor]:
     r"""Where along the ray $z + s\,p$ ($s \ge 0$) each draw is classified as its image's label.
 
     Draw $d$ of image $i$ is classified $y_i$ (the arg max of $z_i + s\,p_{id}$, ties to the
@@ -281,18 +282,27 @@ def correct_intervals(logits: Tensor, y: Tensor, noise: Tensor) -> tuple[Tensor,
     adds the half-line constraint $a_j + s\,b_j > 0$ with $a_j = z_y - z_j$ and
     $b_j = p_y - p_j$. When the image is clean-correct with every $a_j > 0$ (the common case),
     $lo = -\infty$ and $1/hi = \max_j (p_j - p_y) / a_j$, three passes over `noise`; the other
-    images take the general rule in float64.
+    images take the general rule in float64. With `draws` larger than the draws given, the missing
+    ones are the antithetic partners of the first (`antithetic_normal`'s layout): $-p$ has
+    $1/hi = -\min_j (p_j - p_y) / a_j$, so one pass gives both, bit for bit what the negated
+    draws would give.
 
     Args:
         logits: `[m, K]` clean logits $z$.
         y: `[m]` int64 labels.
-        noise: `[m, draws, K]` noise directions $p$ in logit space; overwritten.
+        noise: `[m, h, K]` noise directions $p$ in logit space; overwritten.
+        draws: draws per image, `h` to `2h` (default `h`): draws `h ... draws-1` are
+            $-p_0, -p_1, \ldots$.
 
     Returns:
         `(lo, hi)`: `[m · draws]` float64 ends, $\pm\infty$ where no constraint binds (an empty
         interval has $hi \le lo$).
     """
-    m, draws, k = noise.shape
+    m, half, k = noise.shape
+    draws = half if draws is None else draws
+    if not half <= draws <= 2 * half:
+        raise ValueError(f"correct_intervals: draws={draws} with {half} given (need h..2h).")
+    neg = draws - half
     idx = y.view(-1, 1)
     a = logits.gather(1, idx).double() - logits.double()  # [m, K] clean margins of y over j
     wins = (a > 0).sum(1) == k - 1  # strictly ahead of every other class
@@ -303,10 +313,16 @@ def correct_intervals(logits: Tensor, y: Tensor, noise: Tensor) -> tuple[Tensor,
         part = noise[rest].double()
         if not bool(torch.isfinite(part).all()):
             raise NonFiniteLogits("the noise projected through the head is NaN/inf")
+        part = torch.cat([part, part[:, :neg].neg()], 1)
         lo[rest], hi[rest] = _general_intervals(a[rest], y[rest], part)
     inv_a = torch.where(a > 0, 1.0 / a, 0.0).to(noise.dtype).unsqueeze(1)  # 0 at j = y
-    p_y = noise.gather(2, idx.view(m, 1, 1).expand(m, draws, 1))
-    inv_hi = noise.sub_(p_y).mul_(inv_a).amax(2).double()  # >= 0 (the j = y term is 0)
+    p_y = noise.gather(2, idx.view(m, 1, 1).expand(m, half, 1))
+    q = noise.sub_(p_y).mul_(inv_a)  # (p_j - p_y) / a_j; the j = y term is 0
+    if neg:
+        low, high = torch.aminmax(q, dim=2)
+        inv_hi = torch.cat([high, low[:, :neg].neg()], 1).double()  # >= 0
+    else:
+        inv_hi = q.amax(2).double()  # >= 0
     if not bool(torch.isfinite(inv_hi[wins]).all()):  # NaN/inf in the noise reach the maximum
         raise NonFiniteLogits("the noise projected through the head is NaN/inf")
     hi_wins = torch.where(inv_hi > 0, 1.0 / inv_hi, torch.inf)
