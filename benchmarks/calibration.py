@@ -191,6 +191,7 @@ def main() -> None:
             + f" --fallback-images {args.fallback_images}"
             + (" --skip-head" if args.skip_head else "")
             + (" --skip-fallback" if args.skip_fallback else "")
+            + f" --rounds {args.rounds}"
             + "`",
             "",
             f"Machine: {describe_machine(device)}. Random weights, "

@@ -326,9 +326,9 @@ def main() -> None:
         for c in args.clients:
             r = by["micro-batched"][c]
             line += (
-                f"; micro-batched at {c} clients: {r.rps / full:.0%} of the offline throughput "
+                f"; micro-batched at {c} client(s): {r.rps / full:.0%} of the offline throughput "
                 f"at batch {args.max_batch} ({r.rps / offline[min(c, args.max_batch)]:.0%} of "
-                f"it at batch {min(c, args.max_batch)}), the inference thread "
+                f"it at batch {min(c, args.max_batch)}), the busiest server thread "
                 f"{r.busiest_ms * r.rps / 1000:.0%} busy"
             )
         notes.append(line + ".")
