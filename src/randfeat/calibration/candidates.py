@@ -42,6 +42,7 @@ __all__ = [
     "Counter",
     "FullForwards",
     "ProjectedLogits",
+    "antithetic_half",
     "antithetic_normal",
     "correct_intervals",
     "counter",
@@ -110,9 +111,15 @@ def antithetic_normal(
     Returns:
         `[images, draws, *shape]`, image-major as `repeat_interleave(draws, 0)` lays rows out.
     """
-    half = (draws + 1) // 2
+    half = antithetic_half(draws)
     eps = like.new_empty((images, half, *shape)).normal_(generator=gen)
     return torch.cat([eps, eps[:, : draws - half].neg()], 1)
+
+
+def antithetic_half(draws: int) -> int:
+    r"""The draws of each image that are generated, $\lceil draws / 2 \rceil$; the rest are their
+    negations (`antithetic_normal`'s layout)."""
+    return (draws + 1) // 2
 
 
 def _head_images(rows: int, width: int, draws: int) -> int:
@@ -256,10 +263,10 @@ class ProjectedLogits:
         gen = torch.Generator(device=weight.device).manual_seed(self.seed)
         step = max(1, HEAD_ELEMENTS // self.logits.shape[1] // self.draws)  # images per product
         lo_parts, hi_parts = [], []
+        half = antithetic_half(self.draws)  # generated and projected; the partners are -p
         for z, y in zip(
             self.logits.split(self.images), self.labels.split(self.images), strict=True
         ):
-            half = (self.draws + 1) // 2
             eps = weight.new_empty((z.shape[0], half, width)).normal_(generator=gen)
             for zc, yc, ec in zip(z.split(step), y.split(step), eps.split(step), strict=True):
                 p = nn.functional.linear(ec.to(compute), projection)  # [m, half, K]
