@@ -360,6 +360,31 @@ def test_predict_majority_vote_and_tie_breaking() -> None:
     assert w3.predict(torch.zeros(1, 1), votes=3, reduce="mean").tolist() == [1]
 
 
+def test_predict_holds_one_forward_batch_of_copies_at_a_time() -> None:
+    """5 images × 9 votes at `batch_size=8`: calls of 8 rows (the last 5) whose inputs hold 8 rows
+    of storage, not slices of all 45 copies; the labels are those of one big call."""
+    sizes: list[tuple[int, int]] = []
+
+    class Probe(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            stored = x.untyped_storage().nbytes() // (x[0].numel() * x.element_size())
+            sizes.append((x.shape[0], stored))
+            return self.lin(x)
+
+    torch.manual_seed(0)
+    w = wrap(Probe(), ["lin"], nu=0.0)
+    x = torch.randn(5, 4)
+    labels = w.predict(x, votes=9, batch_size=8)
+    assert sizes == [(8, 8)] * 5 + [(5, 5)]
+    assert torch.equal(labels, w.predict(x, votes=9))
+    with pytest.raises(ValueError, match="batch_size"):
+        w.predict(x, votes=9, batch_size=-1)
+
+
 def test_predict_equals_argmax_without_noise_and_is_robust_with_small_noise() -> None:
     model = tiny_timm("resnet18")
     x = torch.rand(5, 3, 32, 32)

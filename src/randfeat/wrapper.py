@@ -32,6 +32,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
+from randfeat.batches import repeated_rows
+from randfeat.checks import check_optional, check_positive_int
 from randfeat.data_parallel import data_parallel_forward
 from randfeat.hooks import Hooks
 from randfeat.layers import HookPoint, resolve_layers
@@ -366,10 +368,10 @@ class RandomizedFeatureWrapper(nn.Module):
             raise ValueError(
                 f"Expected argument `reduce` to be 'vote' or 'mean', but got {reduce!r}."
             )
+        check_optional(check_positive_int, batch_size, "batch_size")
         n = x.shape[0]
-        rep = x.repeat_interleave(votes, dim=0) if votes > 1 else x
-        bs = batch_size or rep.shape[0]
-        logits = torch.cat([logits_of(self(chunk)) for chunk in rep.split(bs)])
+        rows = repeated_rows(x, votes, batch_size or max(1, n * votes))
+        logits = torch.cat([logits_of(self(batch)) for batch in rows])
         if logits.ndim != 2 or logits.shape[0] != n * votes:
             raise ValueError(
                 f"Expected the model to return logits [N, K], got {tuple(logits.shape)}."

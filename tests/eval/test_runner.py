@@ -32,7 +32,8 @@ from randfeat.cli import main
 from randfeat.eval.data import digits
 from randfeat.eval.errors import ConfigError
 from randfeat.eval.grid.config import EvalConfig, derive_seed
-from randfeat.eval.records import AttackRow, CleanRow
+from randfeat.eval.grid.units import UnitRunner, build_attacks
+from randfeat.eval.records import AttackRow, CleanRow, Unit
 from randfeat.eval.resultfile import (
     FORMAT_VERSION,
     NON_RESULT_SETTINGS,
@@ -466,3 +467,41 @@ def test_load_results_rejects_a_headerless_file(tmp_path: Path) -> None:
     p.write_text('{"type": "attack"}\n')
     with pytest.raises(ConfigError, match="no header"):
         read_results(p)
+
+
+def test_fresh_judging_fills_every_forward_batch(digits_model: nn.Module) -> None:
+    """The fresh judging of an attack unit spans images: 4 images × 10 forwards at
+    `--forward-batch 16` make calls of 16, 16 and 8 rows, not four part-empty calls of 10."""
+    cfg = EvalConfig.from_mapping(
+        {
+            "model": "digits-cnn",
+            "data": "digits",
+            "n_images": 4,
+            "batch_size": 4,
+            "forward_batch": 16,
+            "defenses": "feature",
+            "attacks": "square-linf",
+            "budgets": "5",
+            "votes": 3,
+            "fresh_forwards": 10,
+        }
+    )
+    name = cfg.defense_names()[0]
+    defended = randfeat.wrap(digits_model, layers=["penultimate"], nu=0.5, seed=0)
+    sizes: list[int] = []
+
+    def recorded(x: torch.Tensor) -> torch.Tensor:
+        sizes.append(x.shape[0])
+        return defended(x)
+
+    x, y = digits().x_test[:4], digits().y_test[:4]
+    runner = UnitRunner(cfg, torch.device("cpu"), (0, 1, 2, 3), x, y)
+    runner.defended = {name: defended}
+    runner.forwards = {name: recorded}
+    runner.attacks = build_attacks(cfg)
+    try:
+        rows = runner.run(Unit("attack", name, "square-linf", 5, 0))
+    finally:
+        defended.unwrap()
+    assert len(rows) == 4
+    assert sizes[-3:] == [16, 16, 8]

@@ -32,6 +32,7 @@ from typing import Literal, overload
 import torch
 from torch import Tensor
 
+from randfeat.batches import repeated_rows
 from randfeat.checks import check_choice, check_optional, check_positive_int
 from randfeat.outputs import logits_of
 
@@ -94,17 +95,16 @@ def count_wrong(
 
     `fooled(count_wrong(model, x, y, votes=votes), votes)` judges the points `x: [N, C, H, W]`
     by the rule; at the clean images it says which ones the model gets wrong (a clean image is
-    correct when it is not fooled at its own clean point). The forwards run as
-    `x.repeat_interleave(votes)`, at most `batch_size` rows per call.
+    correct when it is not fooled at its own clean point). The forwards are the rows of
+    `x.repeat_interleave(votes)` in full calls of `batch_size` rows, gathered one call at a time
+    ([repeated_rows][randfeat.batches.repeated_rows]).
 
     Raises:
         ValueError: `votes < 1` (or TypeError on a wrong type).
     """
     check_positive_int(votes, "votes")
     n = x.shape[0]
-    rep = x.repeat_interleave(votes, dim=0) if votes > 1 else x
-    out = _forward(model, rep, batch_size or rep.shape[0])
-    pred = out if out.ndim == 1 else out.argmax(dim=1)
+    pred = _predict_repeated(model, x, votes, batch_size or max(1, n * votes))
     wrong = pred != y.to(pred.device).repeat_interleave(votes)
     return wrong.view(n, votes).sum(dim=1)
 
@@ -114,6 +114,18 @@ def _forward(model: Model, x: Tensor, batch_size: int) -> Tensor:
         if x.shape[0] <= batch_size:
             return logits_of(model(x))
         return torch.cat([logits_of(model(chunk)) for chunk in x.split(batch_size)])
+
+
+def _predict_repeated(model: Model, x: Tensor, times: int, batch_size: int) -> Tensor:
+    """Predicted labels `[N * times]` of `times` forwards of each point, in full batches."""
+    if x.shape[0] == 0:
+        return torch.empty(0, dtype=torch.long, device=x.device)
+    preds = []
+    with torch.no_grad():
+        for rows in repeated_rows(x, times, batch_size):
+            out = logits_of(model(rows))
+            preds.append(out if out.ndim == 1 else out.argmax(dim=1))
+    return torch.cat(preds)
 
 
 @dataclass(frozen=True)
@@ -324,13 +336,12 @@ class Oracle:
             raise RuntimeError("attack bug: queried a point outside [0, 1]")
         if self.samples == 1:
             out = self._raw(x)
-        else:  # EOT: repeat one forward batch at a time, never the whole query at once
-            rows = max(1, self.batch_size // self.samples)
-            raw = [self._raw(c.repeat_interleave(self.samples, dim=0)) for c in x.split(rows)]
+        else:  # EOT: full forward batches of the repeated rows, never the whole query at once
+            raw = [self._raw(rows) for rows in repeated_rows(x, self.samples, self.batch_size)]
             if raw[0].ndim == 1:  # label-only model: average one-hot votes over a common K
                 k = max(self.num_classes or 0, *(int(r.max()) + 1 for r in raw))
                 raw = [torch.nn.functional.one_hot(r, k).float() for r in raw]
-            out = torch.cat([r.view(-1, self.samples, r.shape[1]).mean(dim=1) for r in raw])
+            out = torch.cat(raw).view(x.shape[0], self.samples, -1).mean(dim=1)
         self.queries = new_queries
         self._check_success(x, idx, self._predict(out))
         return out
@@ -353,8 +364,13 @@ class Oracle:
         if self.votes == 1:  # the query itself is the one vote, and it was wrong
             won_rows = torch.ones(rows.shape[0], dtype=torch.bool, device=x.device)
         else:
-            votes = self._raw(pts.repeat_interleave(self.votes, dim=0))
-            wrong = self._predict(votes) != self.y[samp].repeat_interleave(self.votes)
+            votes = torch.cat(
+                [
+                    self._predict(self._raw(rows))
+                    for rows in repeated_rows(pts, self.votes, self.batch_size)
+                ]
+            )
+            wrong = votes != self.y[samp].repeat_interleave(self.votes)
             won_rows = fooled(wrong.view(-1, self.votes).sum(dim=1), self.votes)
             self.verify_forwards.index_add_(0, samp, torch.full_like(samp, self.votes))
         won = samp[won_rows]
@@ -410,9 +426,7 @@ def rejudge(
     check_positive_int(forwards, "forwards")
     check_positive_int(votes, "votes")
     n = x_adv.shape[0]
-    bs = batch_size or max(1, n * 10)
-    out = _forward(model, x_adv.repeat_interleave(forwards, dim=0), bs)
-    pred = out if out.ndim == 1 else out.argmax(dim=1)
+    pred = _predict_repeated(model, x_adv, forwards, batch_size or max(1, n * 10))
     wrong = (pred != y.to(pred.device).repeat_interleave(forwards)).view(n, forwards)
     p = wrong.double().mean(dim=1)
     return _fooling_probability(p, votes)

@@ -179,16 +179,10 @@ class UnitRunner:
             model, x, y, budget=budget, votes=cfg.votes, seed=seed, batch_size=cfg.forward_batch
         )
         # Deterministic defenses (base, AAA) need one forward: the fooling probability is 0 or 1.
-        # rejudge repeats each image `forwards` times at once: pass it at most forward_batch rows.
+        # rejudge gathers the repeated rows one full forward batch at a time.
         forwards = cfg.fresh_forwards if randomized else 1
-        step = max(1, cfg.forward_batch // forwards)
-        fresh = torch.cat(
-            [
-                rejudge(
-                    model, xa, ya, votes=cfg.votes, forwards=forwards, batch_size=cfg.forward_batch
-                )
-                for xa, ya in zip(res.x_adv.split(step), y.split(step), strict=True)
-            ]
+        fresh = rejudge(
+            model, res.x_adv, y, votes=cfg.votes, forwards=forwards, batch_size=cfg.forward_batch
         )
         dist = distance(res.x_adv, x, attack.norm)
         seconds = time.perf_counter() - t0
