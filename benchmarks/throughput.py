@@ -185,7 +185,7 @@ def tune_malloc() -> str:
     With glibc's defaults a forward's large intermediates (16 MiB for the digits CNN's second
     convolution at 1,024 rows) are unmapped when freed and page-faulted back, zeroed, at the next
     forward; how much of that happens drifts with the heap's state, so the same forward ran at
-    6,600-9,400 rows/s from one half-second to the next here (10,100-12,500 tuned). Tuning
+    6,600-9,400 rows/s from one half-second to the next here (9,400-12,500 tuned). Tuning
     both sides of the ratio the same way keeps the comparison and removes most of that noise.
     Returns what was done, for the report.
     """
