@@ -6,9 +6,13 @@ Every one ends in a linear classifier W, so with the noise δ ~ N(0, ν I) at it
 
 from __future__ import annotations
 
+import gc
 import math
 import os
 import pickle
+import select
+import signal
+import time
 from collections.abc import Callable
 
 import timm
@@ -61,12 +65,20 @@ def features(model: nn.Module) -> int:
 
 
 def draw_in_forked_children(
-    fn: Callable[[], torch.Tensor], children: int = 2
+    fn: Callable[[], torch.Tensor],
+    children: int = 2,
+    *,
+    before: Callable[[], object] | None = None,
+    timeout: float = 60.0,
 ) -> list[torch.Tensor]:
-    """Fork `children` processes; each sends back `fn()` through a pipe."""
+    """Fork `children` processes; each sends back `fn()` through a pipe, then releases what it
+    holds (`gc.collect()`) and exits. `before()` runs in the parent right before each fork. A child
+    that has not answered and exited within `timeout` seconds is killed and the test fails (it
+    would otherwise hang the suite)."""
     results = []
-    pids = []
     for _ in range(children):
+        if before is not None:
+            before()
         r, wfd = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child
@@ -75,15 +87,34 @@ def draw_in_forked_children(
                 os.close(r)
                 with os.fdopen(wfd, "wb") as f:
                     f.write(pickle.dumps(fn()))
+                gc.collect()  # a destructor that hangs in a forked child hangs here
             except BaseException:
                 code = 1
             finally:
                 os._exit(code)
         os.close(wfd)
-        with os.fdopen(r, "rb") as f:
-            results.append(pickle.loads(f.read()))
-        pids.append(pid)
-    for pid in pids:
-        _, status = os.waitpid(pid, 0)
+        deadline = time.monotonic() + timeout
+        data = b""
+        with os.fdopen(r, "rb", buffering=0) as f:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([f], [], [], left)[0]:
+                    os.kill(pid, signal.SIGKILL)
+                    os.waitpid(pid, 0)
+                    raise AssertionError(f"a forked child did not answer within {timeout} s")
+                chunk = f.read(1 << 16)
+                if not chunk:
+                    break
+                data += chunk
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise AssertionError(f"a forked child did not exit within {timeout} s")
+            time.sleep(0.01)
         assert os.waitstatus_to_exitcode(status) == 0
+        results.append(pickle.loads(data))
     return results

@@ -24,8 +24,8 @@ def repeated_rows(x: Tensor, times: int, batch_size: int) -> Iterator[Tensor]:
 
     Every batch but the last holds exactly `batch_size` rows, so `N` points with `times`
     forwards each take $\\lceil N \\cdot times / b \\rceil$ calls of `b = batch_size` rows, and
-    only one batch of inputs is in memory at a time. When everything fits in one batch and
-    `times == 1`, `x` itself is yielded (no copy).
+    only one batch of copies is in memory at a time. With `times == 1` the batches are views of
+    `x` (no copy).
 
     Args:
         x: `[N, ...]` points.
@@ -42,10 +42,10 @@ def repeated_rows(x: Tensor, times: int, batch_size: int) -> Iterator[Tensor]:
             f"Expected `times` and `batch_size` >= 1, but got times={times}, "
             f"batch_size={batch_size}."
         )
-    total = x.shape[0] * times
-    if times == 1 and total <= batch_size:
-        yield x
+    if times == 1:  # no copies to make: views of `x`
+        yield from x.split(batch_size) if x.shape[0] > batch_size else (x,)
         return
+    total = x.shape[0] * times
     for start in range(0, total, batch_size):
         rows = torch.arange(start, min(start + batch_size, total), device=x.device) // times
         yield x.index_select(0, rows)
