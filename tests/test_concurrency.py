@@ -253,6 +253,34 @@ def test_forked_children_draw_different_independent_noise() -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_children_of_a_multithreaded_parent_answer() -> None:
+    """GNU OpenMP is not fork-safe: after the parent ran the digits CNN on 2 threads, every
+    forked child hung in its first convolution (10 of 10) until randfeat's after-fork hook set the
+    child's torch threads to 1. The parent runs right before each fork; each child answers (noisy
+    logits) within the timeout and reports 1 thread; the parent keeps its 2."""
+    from randfeat.eval.models import DigitsCNN
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        torch.manual_seed(0)
+        w = wrap(DigitsCNN().eval(), nu=0.1)
+        x = torch.rand(256, 1, 8, 8)
+
+        def run() -> torch.Tensor:
+            with torch.no_grad():
+                out = w(x)
+            return torch.cat([out.flatten(), torch.tensor([float(torch.get_num_threads())])])
+
+        outs = draw_in_forked_children(run, 2, before=run, timeout=30.0)
+        assert [o[-1].item() for o in outs] == [1.0, 1.0]
+        assert not torch.equal(outs[0][:-1], outs[1][:-1])
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_seeded_wrapper_keeps_its_seed_in_forked_children() -> None:
     """Documented: a seed is a promise of reproducibility, so forked children replay it."""
     w = wrap(nn.Sequential(nn.Identity()), ["input"], nu=1.0, seed=3)

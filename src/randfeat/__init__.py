@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import randfeat.forking  # noqa: F401  (registers the after-fork thread policy)
 from randfeat.calibration import Calibration as Calibration
 from randfeat.calibration import calibrate_nu as calibrate_nu
 from randfeat.theory import theorem1_fooling_probability as theorem1_fooling_probability
