@@ -14,6 +14,7 @@ import select
 import signal
 import time
 from collections.abc import Callable
+from typing import Any
 
 import timm
 import torch
@@ -94,27 +95,31 @@ def draw_in_forked_children(
                 os._exit(code)
         os.close(wfd)
         deadline = time.monotonic() + timeout
+
+        def give_up(what: str, pid: int = pid) -> AssertionError:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return AssertionError(f"a forked child did not {what} within {timeout} s")
+
         data = b""
         with os.fdopen(r, "rb", buffering=0) as f:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([f], [], [], left)[0]:
-                    os.kill(pid, signal.SIGKILL)
-                    os.waitpid(pid, 0)
-                    raise AssertionError(f"a forked child did not answer within {timeout} s")
-                chunk = f.read(1 << 16)
-                if not chunk:
-                    break
+            while chunk := _read_before(f, deadline):
                 data += chunk
-        while True:
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
+            if chunk is None:
+                raise give_up("answer")
+        while not (waited := os.waitpid(pid, os.WNOHANG))[0]:
             if time.monotonic() > deadline:
-                os.kill(pid, signal.SIGKILL)
-                os.waitpid(pid, 0)
-                raise AssertionError(f"a forked child did not exit within {timeout} s")
+                raise give_up("exit")
             time.sleep(0.01)
+        status = waited[1]
         assert os.waitstatus_to_exitcode(status) == 0
         results.append(pickle.loads(data))
     return results
+
+
+def _read_before(f: Any, deadline: float) -> bytes | None:
+    """The next bytes of `f` (b"" at its end), or None when none came before `deadline`."""
+    left = deadline - time.monotonic()
+    if left <= 0 or not select.select([f], [], [], left)[0]:
+        return None
+    return bytes(f.read(1 << 16))

@@ -43,7 +43,7 @@ def repeated_rows(x: Tensor, times: int, batch_size: int) -> Iterator[Tensor]:
             f"batch_size={batch_size}."
         )
     if times == 1:  # no copies to make: views of `x`
-        yield from x.split(batch_size) if x.shape[0] > batch_size else (x,)
+        yield from x.split(batch_size)
         return
     total = x.shape[0] * times
     for start in range(0, total, batch_size):
