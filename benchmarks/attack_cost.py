@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from _machine import describe_machine, replace_section
-from measure import Counting, forward_times, log, profile_outside_model, timed
+from common.machine import describe_machine, replace_section
+from common.measure import Counting, forward_times, log, profile_outside_model, timed
 
 from randfeat.eval.attacks import NES, RayS, SignFlip, SignHunter, Square
 from randfeat.eval.attacks.base import Attack

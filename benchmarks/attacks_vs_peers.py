@@ -10,7 +10,7 @@ same seed where the peer takes one:
   that exist on PyPI, ART's ``HopSkipJump`` (ℓ∞) and ``SignOPTAttack`` (ℓ2 by design). Neither
   torchattacks 3.5.1 nor ART 1.20 ships RayS, SignFlip, NES or SignHunter.
 
-Each implementation runs through `peers.py` (how each peer is held to the budget, how returned
+Each implementation runs through `common/peers.py` (how each peer is held to the budget, how returned
 points are judged). Ours and torchattacks (cheap) run `--repeats` seeds, interleaved; ART runs once
 (slow, and HopSkipJump's init draws from an unseeded `RandomState`). The wall time splits into time
 in the model and the attack's own work; where ours misses the 2× speed target, ours (and
@@ -36,9 +36,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from _machine import describe_machine, replace_section
-from measure import Counting, log, profile_outside_model
-from peers import (
+from common.machine import describe_machine, replace_section
+from common.measure import Counting, log, profile_outside_model
+from common.peers import (
     Row,
     run_art_decision,
     run_art_square,
@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from randfeat.eval.attacks import RayS, SignFlip, Square
 from randfeat.eval.attacks.base import Attack
-from randfeat.eval.data import balanced_subset, digits
+from randfeat.eval.data.loaders import balanced_subset, digits
 from randfeat.eval.models import digits_cnn
 from randfeat.eval.oracle import Norm
 

@@ -31,10 +31,12 @@ import argparse
 import copy
 import statistics
 import time
+from typing import Any
 
 import timm
 import torch
-from _machine import describe_machine, replace_section
+from common.machine import describe_machine, replace_section
+from common.measure import sync
 from torch import nn
 
 import randfeat
@@ -51,19 +53,14 @@ def _family(name: str) -> str:
     raise SystemExit(f"--model {name!r}: pass --fast-layer and --mid-layer for this family.")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def clean_pass(model: torch.nn.Module, x: torch.Tensor, batch: int, device: torch.device) -> float:
     """Wall time of one plain pass over `x` (no hooks, no checks)."""
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     with torch.no_grad():
         for chunk in x.split(batch):
             model(chunk).argmax(1)
-    _sync(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -110,7 +107,7 @@ def main() -> None:
     fast_layer = args.fast_layer or HEAD[fam]
     mid_layer = args.mid_layer or MID[fam]
     torch.manual_seed(args.seed)
-    kw: dict[str, object] = {"pretrained": False}
+    kw: dict[str, Any] = {"pretrained": False}
     if fam in ("vit", "deit"):
         kw["img_size"] = args.image_size
     if args.num_classes is not None:
@@ -120,10 +117,10 @@ def main() -> None:
     x = torch.rand(args.n_images, 3, args.image_size, args.image_size, generator=gen).to(device)
     with torch.no_grad():  # labels from a short warm-up-free pass when the full pass is timed below
         model(x[: args.batch_size])  # warm-up
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         y = torch.cat([model(c).argmax(1) for c in x.split(args.batch_size)])
-        _sync(device)
+        sync(device)
         first = time.perf_counter() - t0
     clean = (
         first
@@ -155,7 +152,7 @@ def main() -> None:
         for _ in range(rounds):
             if label != "fallback":
                 cleans.append(clean_pass(net, x[:n_run], args.batch_size, device))
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             cs = randfeat.calibrate_nu(
                 net,
@@ -167,7 +164,7 @@ def main() -> None:
                 batch_size=args.batch_size,
                 progress=False,
             )
-            _sync(device)
+            sync(device)
             walls.append(time.perf_counter() - t0)
         cleans = cleans or [clean_run]  # the fallback: one round against its own clean pass
         wall, clean_used = statistics.median(walls), statistics.median(cleans)
@@ -194,7 +191,7 @@ def main() -> None:
             + "`",
             "",
             f"Machine: {describe_machine(device)}. Random weights, "
-            f"{model.get_classifier().out_features} classes; labels = the model's own clean "
+            f"{find_classifier(model)[1].out_features} classes; labels = the model's own clean "
             "predictions (base accuracy 100%). Targets "
             f"{', '.join(str(t) for t in args.targets)} in one call. One plain clean pass over the "
             f"same {args.n_images} images: {clean:.2f} s (median of {args.rounds}). The projected "

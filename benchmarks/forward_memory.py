@@ -31,7 +31,8 @@ from collections.abc import Iterable
 
 import timm
 import torch
-from _machine import describe_machine, replace_section
+from common.machine import describe_machine, replace_section
+from common.measure import sync
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -83,12 +84,12 @@ def peak_of_forward(
     held = [*model.parameters(), *model.buffers(), x]
     allocator = float("nan")
     if device.type == "cuda":
-        torch.cuda.synchronize(device)
+        sync(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         with torch.no_grad():
             f(x)
-        torch.cuda.synchronize(device)
+        sync(device)
         allocator = float(torch.cuda.max_memory_allocated(device) - before)
     mode = LiveTensorBytes(held)
     with torch.no_grad(), mode:
@@ -137,7 +138,7 @@ def main() -> None:
         "|---|" + "---|" * (len(batches) + 4),
     ]
     for dtype in args.dtypes.split(","):
-        f = Forward(model, ForwardOptions(dtype=dtype), device)  # type: ignore[arg-type]
+        f = Forward(model, ForwardOptions(dtype=dtype), device)
         peaks, allocs = [], []
         for b in batches:
             x = torch.rand(b, 3, args.image_size, args.image_size, device=device)

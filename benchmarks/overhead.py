@@ -25,10 +25,12 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import timm
 import torch
-from _machine import describe_machine, replace_section
+from common.machine import describe_machine, replace_section
+from common.measure import sync
 
 import randfeat
 from randfeat.noise import NoiseRNG, standard_normal
@@ -37,12 +39,10 @@ MID = {"resnet": "layer3", "vit": "blocks.6"}  # by name prefix; other models sk
 
 
 def _timer(fn: Callable[[], object], device: torch.device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     t0 = time.perf_counter()
     fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     return time.perf_counter() - t0
 
 
@@ -73,9 +73,7 @@ def _mid_layer(name: str) -> str | None:
     return next((layer for prefix, layer in MID.items() if name.startswith(prefix)), None)
 
 
-def bench_model(
-    name: str, args: argparse.Namespace, device: torch.device
-) -> list[dict[str, object]]:
+def bench_model(name: str, args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     torch.manual_seed(0)
     model = timm.create_model(name, pretrained=False).eval().to(device)
     x = torch.rand(args.batch, 3, args.size, args.size, device=device)
@@ -131,7 +129,7 @@ def fixed_cost_us(device: torch.device, calls: int = 2000) -> tuple[float, float
     return tuple(statistics.median(per[k]) for k in fns)  # type: ignore[return-value]
 
 
-def bench_onnx(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, object]:
+def bench_onnx(name: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     """OnnxDefended (noise as inputs, drawn per call) against a plain session of the bare graph."""
     import onnxruntime as ort
 

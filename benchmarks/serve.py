@@ -45,7 +45,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
-from _machine import describe_machine, replace_section
+from common.machine import describe_machine, replace_section
 from torch import nn
 
 import randfeat

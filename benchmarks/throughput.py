@@ -42,319 +42,23 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import ctypes
-import math
 import os
-import re
-import statistics
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-from _machine import describe_machine, replace_section
+from common.machine import describe_machine, replace_section
+from common.measure import Counting, log, sync
+from common.memory import Peak, peak_memory, tune_malloc
+from common.throughput_report import Round, Row, projection, report
 from torch import Tensor
 
-from randfeat.eval.data import balanced_subset
-from randfeat.eval.datasets import DataSpec
+from randfeat.eval.data.loaders import balanced_subset
+from randfeat.eval.data.registry import DataSpec
 from randfeat.eval.grid.config import EvalConfig
 from randfeat.eval.grid.units import UnitRunner, build_attacks, build_forwards
 from randfeat.eval.models.sources import ModelRequest, model_source
-from randfeat.eval.oracle import Model
-from randfeat.eval.records import AttackRow, Unit
+from randfeat.eval.results.records import AttackRow, Unit
 from randfeat.wrapper import RandomizedFeatureWrapper, wrap
-
-TARGET = 0.85
-"""The evaluation should keep at least this fraction of the pure forward throughput."""
-
-# ---------------------------------------------------------------------------- the paper's grid
-N_IMAGES, BUDGETS, VOTES, FRESH = 1000, (1000, 10000), 9, 50
-ATTACKS = ("square-linf", "nes-linf", "signhunter-linf", "rays", "signflip")
-DEFENSES = ("base", "input@0.01", "input@0.02", "feature@0.01", "feature@0.02")
-# Robust accuracy (%) at budgets 1,000 / 10,000 (Table 1; RayS and SignFlip: Table 10, one value
-# reported, used at both budgets). Input and Feature: one value per model in the tables, used for
-# both drops. ResNet-50 has no decision-based row in the paper: those cells are None (counted
-# at the full budget, as in the upper bound).
-PAPER_RA: dict[str, dict[str, dict[str, tuple[float, float] | None]]] = {
-    "vit_base_patch16_224": {
-        "base": {
-            "square-linf": (5.7, 0.0),
-            "nes-linf": (45.7, 7.3),
-            "signhunter-linf": (5.1, 0.0),
-            "rays": (1.7, 1.7),
-            "signflip": (9.7, 9.7),
-        },
-        "input": {
-            "square-linf": (58.8, 58.1),
-            "nes-linf": (70.8, 51.4),
-            "signhunter-linf": (53.1, 52.2),
-            "rays": (41.3, 41.3),
-            "signflip": (70.3, 70.3),
-        },
-        "feature": {
-            "square-linf": (60.6, 60.2),
-            "nes-linf": (69.1, 47.5),
-            "signhunter-linf": (54.0, 52.9),
-            "rays": (41.0, 41.0),
-            "signflip": (70.1, 70.1),
-        },
-    },
-    "resnet50": {
-        "base": {
-            "square-linf": (3.5, 0.2),
-            "nes-linf": (36.2, 4.3),
-            "signhunter-linf": (6.6, 0.4),
-            "rays": None,
-            "signflip": None,
-        },
-        "input": {
-            "square-linf": (40.3, 39.5),
-            "nes-linf": (63.8, 23.9),
-            "signhunter-linf": (47.6, 45.4),
-            "rays": None,
-            "signflip": None,
-        },
-        "feature": {
-            "square-linf": (37.0, 36.0),
-            "nes-linf": (56.7, 16.8),
-            "signhunter-linf": (46.3, 43.4),
-            "rays": None,
-            "signflip": None,
-        },
-    },
-}
-
-
-def grid_queries(model: str | None) -> tuple[int, str]:
-    """Image-queries the paper's grid spends: the budget bound, or the paper's robust accuracies.
-
-    Returns the count and the arithmetic as text.
-    """
-    cells = len(DEFENSES) * len(ATTACKS)
-    if model is None:
-        q = N_IMAGES * cells * sum(BUDGETS)
-        return q, (
-            f"{N_IMAGES} images × {len(DEFENSES)} defenses × {len(ATTACKS)} attacks × "
-            f"({' + '.join(map(str, BUDGETS))}) queries = {q:,}"
-        )
-    total = 0.0
-    for d in DEFENSES:
-        table = PAPER_RA[model][d.partition("@")[0]]
-        for a in ATTACKS:
-            ra = table[a]
-            for i, b in enumerate(BUDGETS):
-                total += N_IMAGES * b * (1.0 if ra is None else ra[i] / 100)
-    q = round(total)
-    return q, (
-        f"Σ over defenses, attacks, budgets B of {N_IMAGES} images × RA(B) × B, RA from the "
-        f"paper's tables for {model} (a cell without a figure counts the whole budget) = {q:,}"
-    )
-
-
-def other_forwards(verify_per_query: float, queries: int) -> tuple[int, str]:
-    """Forwards beyond the queries: verification, fresh judging, clean rows (calibration aside)."""
-    randomized = sum(d != "base" for d in DEFENSES)
-    fresh = (
-        N_IMAGES * len(ATTACKS) * len(BUDGETS) * (FRESH * randomized + (len(DEFENSES) - randomized))
-    )
-    clean = N_IMAGES * (VOTES * randomized + (len(DEFENSES) - randomized))
-    verify = round(verify_per_query * queries)
-    text = (
-        f"verification {verify_per_query:.3f} per query (measured here) = {verify:,}; fresh "
-        f"judging {N_IMAGES} × {len(ATTACKS)} attacks × {len(BUDGETS)} budgets × ({FRESH} × "
-        f"{randomized} randomized + 1 × {len(DEFENSES) - randomized} base) = {fresh:,}; clean "
-        f"{N_IMAGES} × ({VOTES} × {randomized} + {len(DEFENSES) - randomized}) = {clean:,}"
-    )
-    return verify + fresh + clean, text
-
-
-# ---------------------------------------------------------------------------- measuring tools
-MMAP_THRESHOLD, TRIM_THRESHOLD = 32 << 20, 1 << 30
-TUNED_MALLOC = (
-    "glibc malloc tuned (mallopt: mmap threshold 32 MiB, trim threshold 1 GiB; the same as "
-    f"MALLOC_MMAP_THRESHOLD_={MMAP_THRESHOLD} MALLOC_TRIM_THRESHOLD_={TRIM_THRESHOLD})"
-)
-
-
-def tune_malloc() -> str:
-    """Keep freed blocks in glibc's heap instead of returning them to the OS.
-
-    With glibc's defaults a forward's large intermediates (16 MiB for the digits CNN's second
-    convolution at 1,024 rows) are unmapped when freed and page-faulted back, zeroed, at the next
-    forward; how much of that happens drifts with the heap's state, so the same forward ran at
-    6,600-9,400 rows/s from one half-second to the next here (9,400-12,500 tuned). Tuning
-    both sides of the ratio the same way keeps the comparison and removes most of that noise.
-    Returns what was done, for the report.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(-3, MMAP_THRESHOLD) == 1 and libc.mallopt(-1, TRIM_THRESHOLD) == 1
-    except (OSError, AttributeError):
-        ok = False
-    return TUNED_MALLOC if ok else "default malloc (not glibc: mallopt unavailable)"
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-class Counted:
-    """A callable model that counts the rows and calls that go through it, and its time."""
-
-    def __init__(self, model: Model, device: torch.device) -> None:
-        self.model, self.device = model, device
-        self.rows = self.calls = 0
-        self.seconds = 0.0
-
-    def __call__(self, x: Tensor) -> Tensor:
-        t0 = time.perf_counter()
-        out = self.model(x)
-        _sync(self.device)
-        self.seconds += time.perf_counter() - t0
-        self.rows += int(x.shape[0])
-        self.calls += 1
-        return out
-
-
-def _vm_hwm_kib() -> int | None:
-    try:
-        m = re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())
-    except OSError:
-        return None
-    return int(m.group(1)) if m else None
-
-
-@dataclass
-class Peak:
-    """Peak memory of one phase: host resident set (MiB, and how it was measured), GPU (MiB)."""
-
-    host_mib: float = math.nan
-    host_how: str = ""
-    gpu_mib: float = math.nan
-
-
-@contextmanager
-def peak_memory(device: torch.device) -> Iterator[Peak]:
-    """Measure the peak memory of the block (see the module docstring for the methods)."""
-    peak = Peak()
-    sampler: threading.Thread | None = None
-    stop = threading.Event()
-    samples = [0.0]
-    reset = False
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux: reset VmHWM to the current RSS
-        reset = _vm_hwm_kib() is not None
-    except OSError:
-        pass
-    if not reset:
-        try:
-            import psutil
-
-            proc = psutil.Process()
-
-            def sample() -> None:
-                while not stop.wait(0.005):
-                    samples[0] = max(samples[0], proc.memory_info().rss / 2**20)
-
-            sampler = threading.Thread(target=sample, daemon=True)
-            sampler.start()
-        except ImportError:
-            pass
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    try:
-        yield peak
-    finally:
-        if device.type == "cuda":
-            peak.gpu_mib = torch.cuda.max_memory_allocated(device) / 2**20
-        if reset:
-            peak.host_mib, peak.host_how = (_vm_hwm_kib() or 0) / 1024, "VmHWM"
-        elif sampler is not None:
-            stop.set()
-            sampler.join()
-            peak.host_mib, peak.host_how = samples[0], "psutil, 5 ms"
-        else:
-            import resource
-
-            kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-            peak.host_mib, peak.host_how = kib / 1024, "process lifetime"
-
-
-# ---------------------------------------------------------------------------- one setting
-@dataclass
-class Round:
-    """One round: the pure forward, the evaluation, the pure forward again."""
-
-    forwards: int  # every image forward of the evaluation (clean, queries, verification, fresh)
-    calls: int
-    eval_s: float
-    in_model_s: float
-    pure_before: float  # rows per second
-    pure_after: float
-
-    @property
-    def rate(self) -> float:
-        return self.forwards / self.eval_s
-
-    @property
-    def pure(self) -> float:
-        return (self.pure_before + self.pure_after) / 2
-
-    @property
-    def ratio(self) -> float:
-        return self.rate / self.pure
-
-
-@dataclass
-class Row:
-    """The evaluation and the pure forward at one `--forward-batch`, over `--rounds` rounds."""
-
-    forward_batch: int
-    queries: int
-    verify: int
-    success: float
-    rounds: list[Round]
-    eval_peak: Peak
-    pure_peak: Peak
-
-    def _median(self, key: str) -> float:
-        return statistics.median(getattr(r, key) for r in self.rounds)
-
-    @property
-    def rate(self) -> float:
-        """Forwards per second of the evaluation (median over rounds)."""
-        return self._median("rate")
-
-    @property
-    def pure_rows_per_s(self) -> float:
-        return self._median("pure")
-
-    @property
-    def ratio(self) -> float:
-        """The median over rounds of each round's ratio (its own evaluation and pure forwards)."""
-        return self._median("ratio")
-
-    @property
-    def ratio_range(self) -> tuple[float, float]:
-        ratios = [r.ratio for r in self.rounds]
-        return min(ratios), max(ratios)
-
-    @property
-    def eval_s(self) -> float:
-        return self._median("eval_s")
-
-    @property
-    def rows_per_call(self) -> float:
-        r = self.rounds[0]
-        return r.forwards / max(1, r.calls)
-
-    @property
-    def in_model(self) -> float:
-        return statistics.median(r.in_model_s / r.eval_s for r in self.rounds)
 
 
 def load(args: argparse.Namespace, device: torch.device) -> tuple[torch.nn.Module, Tensor, Tensor]:
@@ -405,7 +109,7 @@ def measure(
     )
     name = cfg.defense_names()[0]
     forward = build_forwards(cfg, {name: defended}, device)[name]
-    counted = Counted(forward, device)
+    counted = Counting(forward, device)  # every image forward of the evaluation
     runner = UnitRunner(cfg, device, tuple(range(args.n_images)), x, y)
     runner.defended = {name: defended}
     runner.forwards = {name: counted}
@@ -416,13 +120,13 @@ def measure(
     def pure() -> float:
         """Rows per second of back-to-back forwards for at least `--pure-seconds` (3 calls min)."""
         calls = 0
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         with torch.no_grad():
             while calls < 3 or time.perf_counter() - t0 < args.pure_seconds:
                 forward(rows)
                 calls += 1
-                _sync(device)
+                sync(device)
         return calls * fb / (time.perf_counter() - t0)
 
     with torch.no_grad():  # warm-up: compile (every batch size, and 1), allocator, caches
@@ -432,8 +136,7 @@ def measure(
     out = []
     eval_peak = pure_peak = Peak()
     for k in range(args.rounds):  # every round repeats the same work: the units reseed
-        counted.rows = counted.calls = 0
-        counted.seconds = 0.0
+        counted.reset(0)
         with peak_memory(device) as pure_peak_k:
             before = pure()
         t0 = time.perf_counter()
@@ -462,79 +165,6 @@ def build_defense(args: argparse.Namespace, model: torch.nn.Module) -> torch.nn.
         return model
     layers = ["input"] if args.defense == "input" else ["penultimate"]
     return wrap(model, layers=layers, nu=args.nu, seed=0)
-
-
-# ---------------------------------------------------------------------------- report
-def _mib(v: float) -> str:
-    return "–" if math.isnan(v) else f"{v:,.0f}"
-
-
-def report(args: argparse.Namespace, device: torch.device, rows: list[Row], machine: str) -> str:
-    setting = (
-        f"`{args.model}`"
-        + ("" if args.model == "digits-cnn" else f" at {args.image_size}×{args.image_size}")
-        + f", defense `{args.defense}`"
-        + ("" if args.defense == "base" else f" (ν = {args.nu:g})")
-        + f", attack `{args.attack}` (ε = {args.eps:g}), budget {args.budget}, votes {args.votes}, "
-        f"fresh forwards {args.fresh_forwards}, {args.n_images} images in one chunk, dtype "
-        f"{args.dtype}, channels-last {args.channels_last}, compile {args.compile}, device "
-        f"{device}, {args.malloc_text}"
-    )
-    lines = [
-        f"Machine: {machine}.",
-        "",
-        f"Setting: {setting}. {args.rounds} rounds per forward batch, each the pure forward for "
-        f"{args.pure_seconds:g} s, the evaluation, the pure forward for {args.pure_seconds:g} s "
-        "again; a round's ratio is its evaluation's forwards/s over the mean of its two pure "
-        "forward rates, and the table gives the median over rounds (range in brackets).",
-        "",
-        "| forward batch | image-queries/s | forwards/s (evaluation) | rows/s (pure forward) | "
-        "ratio [range] | ≥ target | rows per call | in model / wall | success | peak host MiB "
-        "(eval / pure) | peak GPU MiB (eval / pure) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lo, hi = r.ratio_range
-        lines.append(
-            f"| {r.forward_batch} | {r.queries / r.eval_s:,.1f} | {r.rate:,.1f} | "
-            f"{r.pure_rows_per_s:,.1f} | **{r.ratio:.2f}** [{lo:.2f}-{hi:.2f}] | "
-            f"{'yes' if r.ratio >= TARGET else 'NO'} | {r.rows_per_call:.1f} | {r.in_model:.2f} | "
-            f"{r.success:.2f} | {_mib(r.eval_peak.host_mib)} / {_mib(r.pure_peak.host_mib)} | "
-            f"{_mib(r.eval_peak.gpu_mib)} / {_mib(r.pure_peak.gpu_mib)} |"
-        )
-    hows = {r.eval_peak.host_how for r in rows}
-    lines += [
-        "",
-        f"Forwards of the evaluation: clean ({args.votes if args.defense != 'base' else 1} per "
-        "image), queries, D.4 verification and fresh judging, all counted at the model. Peak host "
-        f"memory: {', '.join(sorted(hows))}.",
-    ]
-    return "\n".join(lines)
-
-
-def projection(args: argparse.Namespace, rows: list[Row]) -> str:
-    best = max(rows, key=lambda r: r.rate)
-    verify = sum(r.verify for r in rows) / max(1, sum(r.queries for r in rows))
-    lines = [
-        f"Projected wall time of the paper's ImageNet grid for `{args.model}` at the best measured "
-        f"rate here ({best.rate:,.1f} forwards/s, `--forward-batch {best.forward_batch}`, "
-        f"dtype {args.dtype}), one process, calibration not counted:",
-        "",
-    ]
-    models: list[str | None] = [None]
-    if args.model in PAPER_RA:
-        models.append(args.model)
-    for m in models:
-        q, q_text = grid_queries(m)
-        other, other_text = other_forwards(verify, q)
-        total = q + other
-        s = total / best.rate
-        kind = "upper bound (every image spends the budget)" if m is None else "paper's RA"
-        lines += [
-            f"- {kind}: queries {q_text}; {other_text}; total {total:,} forwards / "
-            f"{best.rate:,.1f} per s = {s:,.0f} s = **{s / 3600:,.1f} h** ({s / 86400:,.1f} days)",
-        ]
-    return "\n".join(lines)
 
 
 def main() -> None:
@@ -581,10 +211,9 @@ def main() -> None:
     for fb in batches:
         rows.append(measure(args, fb, model, defended, x, y, device))
         r = rows[-1]
-        print(
-            f"[{time.strftime('%H:%M:%S')}] forward batch {fb}: {r.rate:,.1f} forwards/s "
-            f"(evaluation) vs {r.pure_rows_per_s:,.1f} rows/s (pure): ratio {r.ratio:.2f}",
-            flush=True,
+        log(
+            f"forward batch {fb}: {r.rate:,.1f} forwards/s (evaluation) vs "
+            f"{r.pure_rows_per_s:,.1f} rows/s (pure): ratio {r.ratio:.2f}"
         )
     if isinstance(defended, RandomizedFeatureWrapper):
         defended.unwrap()

@@ -23,9 +23,9 @@ from randfeat.eval.grid.config import EvalConfig
 from randfeat.eval.grid.runner import run_eval
 from randfeat.eval.report.render import to_markdown
 from randfeat.eval.report.summary import Table, TableRow, summarize
-from randfeat.eval.resultfile import read_results
+from randfeat.eval.results.file import read_results
 from randfeat.serve.app import create_app
-from randfeat.serve.build import ModelSpec, build
+from randfeat.cli.served_model import ModelSpec, build
 from randfeat.serve.run import serve_in_thread
 
 DEFENSES = (("base", "Base"), ("input", "Input"), ("feature", "Feature"))

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from randfeat.eval import data as rf_data
 from randfeat.eval import models as rf_models
+from randfeat.eval.data import loaders as rf_data
 
 
 @pytest.fixture(scope="session")

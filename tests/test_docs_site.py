@@ -42,6 +42,42 @@ SPHINX = re.compile(r":(?:math|class|mod|func|meth|attr|data|exc|obj):|\.\. math
 UNRESOLVED_REF = re.compile(r"\]\[[\w.]+\]")
 # $$...$$ and $...$ in a notebook's Markdown cells, as KaTeX's auto-render finds them.
 NB_MATH = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$", re.S)
+# An absolute path under a home, root, work or temporary folder names one machine's files: a reader
+# cannot run a command that holds one. Relative paths, `~/...` and fixed system locations (Debian's
+# /usr/share/datasets/...) are fine. Not after a word character, `.`, `~` or `-`: `docs/tmp/`,
+# `../tmp/`, `~/work/` and URL paths such as `example.org/tmp/` are not absolute paths.
+MACHINE_PATH = re.compile(r"(?<![\w.~-])/(?:home|root|work|tmp|var/tmp)/")
+# pymdownx.snippets' include line (`--8<-- "CHANGELOG.md"`): the included file is part of the page.
+SNIPPET = re.compile(r'^-{1,3}8<-{1,3}\s+"([^"]+)"', re.M)
+
+
+def _page_sources() -> list[Path]:
+    """What the site's pages and the README are made of: the Markdown under docs/ (with the files
+    its snippets include), README.md and the example notebooks."""
+    pages = [*sorted((ROOT / "docs").rglob("*.md")), ROOT / "README.md", *NOTEBOOKS]
+    included = [
+        ROOT / m.group(1)
+        for page in pages
+        if page.suffix == ".md"
+        for m in SNIPPET.finditer(page.read_text(encoding="utf-8"))
+    ]
+    return pages + included
+
+
+def test_no_page_names_a_machines_paths() -> None:
+    """A plain text check, no build: commands in the docs must run on a reader's machine."""
+    sources = _page_sources()
+    assert ROOT / "CHANGELOG.md" in sources  # the snippet include is followed
+    bad = [
+        f"{path.relative_to(ROOT)}:{n}: {line.strip()[:160]}"
+        for path in sources
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if MACHINE_PATH.search(line)
+    ]
+    assert not bad, (
+        "absolute paths of one machine in the docs (write a relative path, `~/...`, "
+        "`$(mktemp -d)` or a placeholder such as OUT):\n" + "\n".join(bad)
+    )
 
 
 def _require(ok: object, why: str) -> None:

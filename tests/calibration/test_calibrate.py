@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import randfeat
 from randfeat import Calibration, calibrate_nu
-from randfeat.eval.data import Digits
+from randfeat.eval.data.loaders import Digits
 from randfeat.eval.models import DigitsCNN
 
 

@@ -20,7 +20,7 @@ from torch import nn
 import randfeat
 from randfeat import Calibration, calibrate_nu
 from randfeat.calibration.candidates import antithetic_normal, correct_intervals
-from randfeat.eval.data import Digits
+from randfeat.eval.data.loaders import Digits
 from randfeat.eval.models import DigitsCNN
 
 NOISES = ["isotropic", "feature-variance"]

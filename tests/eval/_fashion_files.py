@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from randfeat.eval import data as rf_data
-from randfeat.eval.data import FASHION_MNIST_FILES
-from randfeat.eval.idx import find_idx
+from randfeat.eval.data import loaders as rf_data
+from randfeat.eval.data.idx import find_idx
+from randfeat.eval.data.loaders import FASHION_MNIST_FILES
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

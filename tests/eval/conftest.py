@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from randfeat.eval.records import (
+from randfeat.eval.results.file import FORMAT, FORMAT_VERSION
+from randfeat.eval.results.records import (
     AttackInfo,
     CalibratedDefense,
     DataInfo,
@@ -12,7 +13,6 @@ from randfeat.eval.records import (
     ModelInfo,
     Radii,
 )
-from randfeat.eval.resultfile import FORMAT, FORMAT_VERSION
 
 
 @pytest.fixture

@@ -22,8 +22,8 @@ from randfeat.eval.errors import ConfigError
 from randfeat.eval.forward import Forward, ForwardOptions
 from randfeat.eval.grid.config import EvalConfig
 from randfeat.eval.grid.runner import run_eval
-from randfeat.eval.records import AttackRow
-from randfeat.eval.resultfile import read_results
+from randfeat.eval.results.file import read_results
+from randfeat.eval.results.records import AttackRow
 
 CPU = torch.device("cpu")
 

@@ -2,7 +2,7 @@
 
 Runs [run_eval][randfeat.eval.grid.runner.run_eval] (alone, or under
 `torchrun --nproc-per-node N -m randfeat eval ...`) and writes a resumable JSON Lines result file
-([randfeat.eval.resultfile][]). Settings come from, in increasing priority: the defaults,
+([randfeat.eval.results.file][]). Settings come from, in increasing priority: the defaults,
 `--preset`, `--config FILE.toml` (keys as the flags, `-` or `_`; lists as TOML arrays or comma
 strings) and the flags. `--target URL` attacks a model served by `randfeat serve` over HTTP
 ([HTTPModel][randfeat.eval.remote.HTTPModel]) with the same grid, result file and report.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from randfeat.cli.command import Command, UsageError, logging_to_stderr
 from randfeat.eval.attacks.registry import ATTACKS
-from randfeat.eval.datasets import DATA_SETS, DataSpec
+from randfeat.eval.data.registry import DATA_SETS, DataSpec
 from randfeat.eval.errors import ConfigError
 from randfeat.eval.forward import DTYPES
 from randfeat.eval.grid.config import DEFENSE_KINDS, EvalConfig

@@ -1,6 +1,6 @@
 """`randfeat serve`: a (defended) model behind an HTTP API, until SIGTERM or Ctrl-C.
 
-Builds the model ([build][randfeat.serve.build.build]: load, calibrate ν to `--target-drop` or take
+Builds the model ([build][randfeat.cli.served_model.build]: load, calibrate ν to `--target-drop` or take
 `--nu`, wrap), logs what it serves, and runs [run_server][randfeat.serve.run.run_server]. The API,
 the options and the deployment notes are in `docs/serving.md`; `randfeat eval --target URL`
 attacks the result.
@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import TypeVar
 
 from randfeat.cli.command import Command, UsageError, logging_to_stderr
-from randfeat.eval.datasets import DATA_SETS
+from randfeat.cli.served_model import DEFENSES, ModelSpec, build
+from randfeat.eval.data.registry import DATA_SETS
 from randfeat.eval.models.sources import MODEL_SOURCES
-from randfeat.serve.build import DEFENSES, ModelSpec, build
 from randfeat.serve.config import ServeOptions
 
 __all__ = ["ADMIN_KEY_ENV", "COMMAND"]

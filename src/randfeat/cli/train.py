@@ -1,6 +1,6 @@
 """`randfeat train`: train a timm model on Fashion-MNIST (no pretrained weights needed).
 
-Runs [train][randfeat.eval.training.train] and writes a checkpoint that
+Runs [train][randfeat.eval.models.training.train] and writes a checkpoint that
 `randfeat eval --model NAME --checkpoint FILE` rebuilds exactly (model, stem, preprocessing).
 Rerun the same command to resume after an interruption.
 """
@@ -11,9 +11,9 @@ import argparse
 import dataclasses
 
 from randfeat.cli.command import Command, logging_to_stderr
-from randfeat.eval.datasets import DATA_SETS
+from randfeat.eval.data.registry import DATA_SETS
 from randfeat.eval.models.timm_models import STEMS
-from randfeat.eval.training import TrainConfig, train
+from randfeat.eval.models.training import TrainConfig, train
 
 __all__ = ["COMMAND"]
 

@@ -31,16 +31,16 @@ from typing import TextIO
 
 import torch
 
-from randfeat.eval.datasets import PAPER_EPS, DataSpec
+from randfeat.eval.data.registry import PAPER_EPS, DataSpec
 from randfeat.eval.errors import ConfigError
 from randfeat.eval.grid.config import EvalConfig
 from randfeat.eval.grid.presets import PAPER_ATTACKS
 from randfeat.eval.grid.runner import run_eval
-from randfeat.eval.records import CleanRow, Header, Row
 from randfeat.eval.report.files import write_report
 from randfeat.eval.report.render import to_markdown
 from randfeat.eval.report.summary import summarize
-from randfeat.eval.resultfile import read_results
+from randfeat.eval.results.file import read_results
+from randfeat.eval.results.records import CleanRow, Header, Row
 
 __all__ = ["DEMO_ATTACKS", "DEMO_DATA", "DEMO_TARGET_DROP", "DemoData", "demo_config", "run_demo"]
 

@@ -4,8 +4,10 @@ Modules: [protocol][randfeat.serve.protocol] (the wire format, shared with the c
 [HTTPModel][randfeat.eval.remote.HTTPModel]), [config][randfeat.serve.config] (what is served and
 how), [decode][randfeat.serve.decode] (request validation), [batcher][randfeat.serve.batcher]
 (micro-batching), [usage][randfeat.serve.usage] (per-key accounting), [app][randfeat.serve.app]
-(the FastAPI application), [run][randfeat.serve.run] (uvicorn, workers, background threads) and
-[build][randfeat.serve.build] (the command's options to a model).
+(the FastAPI application) and [run][randfeat.serve.run] (uvicorn, workers, background threads).
+The package imports only the core: turning `randfeat serve`'s options into a model (model
+sources, data sets, calibration) is the command line's job,
+[randfeat.cli.served_model][].
 
 Needs the `serve` extra: `pip install "randfeat[serve]"` (FastAPI, uvicorn, httpx). This package
 imports nothing at import time, so the client can use the protocol without the server's

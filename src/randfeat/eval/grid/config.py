@@ -3,7 +3,7 @@
 The grid of Nguyen et al., "Understanding the Robustness of Randomized Feature Defense Against
 Query-Based Adversarial Attacks", ICLR 2024 (§5, appendix D), as settings: `EvalConfig` holds
 every setting of a `randfeat eval` run, and `EvalConfig.from_mapping` validates them against the
-registries (attacks: `randfeat.eval.ATTACKS`; data sets: `randfeat.eval.datasets.DATA_SETS`;
+registries (attacks: `randfeat.eval.ATTACKS`; data sets: `randfeat.eval.data.registry.DATA_SETS`;
 models: `randfeat.eval.models.sources.MODEL_SOURCES`), naming the closest valid name for an
 unknown one. [derive_seed][randfeat.eval.grid.config.derive_seed] gives every unit of work its
 own seed. The paper's grids (`--preset`) are in [randfeat.eval.grid.presets][].
@@ -23,7 +23,7 @@ from typing import Any, Literal, TypeVar
 
 from randfeat.checks import check_positive_float, check_positive_int
 from randfeat.eval.attacks.registry import ATTACKS
-from randfeat.eval.datasets import DataSpec
+from randfeat.eval.data.registry import DataSpec
 from randfeat.eval.errors import ConfigError
 from randfeat.eval.forward import DTYPES, DTypeName, ForwardOptions
 from randfeat.eval.models.sources import ModelSource, model_source

@@ -25,15 +25,23 @@ from torch import Tensor, nn
 
 from randfeat.calibration import calibrate_nu
 from randfeat.eval.attacks.registry import ATTACKS
-from randfeat.eval.data import balanced_subset
-from randfeat.eval.datasets import Pool
+from randfeat.eval.data.loaders import balanced_subset
+from randfeat.eval.data.registry import Pool
 from randfeat.eval.errors import ConfigError
 from randfeat.eval.grid.config import EvalConfig, derive_seed
 from randfeat.eval.grid.distributed import Dist, device_name
 from randfeat.eval.grid.units import build_attacks
 from randfeat.eval.models.sources import ModelRequest, model_source
 from randfeat.eval.oracle import Model
-from randfeat.eval.records import (
+from randfeat.eval.remote import HTTPModel, RemoteError
+from randfeat.eval.results.file import (
+    FORMAT,
+    FORMAT_VERSION,
+    NON_RESULT_SETTINGS,
+    ResultWriter,
+    complete_units,
+)
+from randfeat.eval.results.records import (
     AttackInfo,
     CalibratedDefense,
     DataInfo,
@@ -41,14 +49,6 @@ from randfeat.eval.records import (
     ModelInfo,
     Radii,
     Unit,
-)
-from randfeat.eval.remote import HTTPModel, RemoteError
-from randfeat.eval.resultfile import (
-    FORMAT,
-    FORMAT_VERSION,
-    NON_RESULT_SETTINGS,
-    ResultWriter,
-    complete_units,
 )
 from randfeat.layers import resolve_layers
 

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from randfeat.eval.records import AttackRow, Row, Unit
+from randfeat.eval.results.records import AttackRow, Row, Unit
 
 __all__ = ["Progress"]
 

@@ -11,7 +11,7 @@ point is judged afresh with `randfeat.eval.oracle.rejudge`.
 `run_eval` runs (or resumes) one configuration, alone or under `torchrun`: rank 0 takes the
 result file's lock and prepares the run ([randfeat.eval.grid.plan][]), broadcasts the plan, the
 units left to do ([randfeat.eval.grid.units][]) are dealt round-robin to the ranks, and after
-each round rank 0 gathers the rows and appends them ([randfeat.eval.resultfile][]).
+each round rank 0 gathers the rows and appends them ([randfeat.eval.results.file][]).
 
 Randomness: every unit draws its attack seed and its defense-noise seed from `seed` and the unit
 ([derive_seed][randfeat.eval.grid.config.derive_seed]), so results do not depend on which rank
@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from randfeat.eval.datasets import Pool
+from randfeat.eval.data.registry import Pool
 from randfeat.eval.errors import ConfigError
 from randfeat.eval.grid.config import EvalConfig
 from randfeat.eval.grid.distributed import Dist, device_name, init_dist
@@ -43,7 +43,7 @@ from randfeat.eval.grid.units import (
     grid_units,
 )
 from randfeat.eval.oracle import Model
-from randfeat.eval.resultfile import ResultWriter
+from randfeat.eval.results.file import ResultWriter
 from randfeat.wrapper import RandomizedFeatureWrapper
 
 __all__ = ["run_eval"]

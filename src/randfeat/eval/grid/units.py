@@ -2,7 +2,7 @@
 
 Part of `randfeat eval`, the protocol of Nguyen et al., "Understanding the Robustness of
 Randomized Feature Defense Against Query-Based Adversarial Attacks", ICLR 2024 (§5). A
-[Unit][randfeat.eval.records.Unit] is one chunk of `batch_size` attacked images (chunk `c` holds
+[Unit][randfeat.eval.results.records.Unit] is one chunk of `batch_size` attacked images (chunk `c` holds
 `attacked_indices[c * batch_size:(c + 1) * batch_size]`) under one (defense, attack, budget), or
 under one defense for the clean rows; [UnitRunner.run][randfeat.eval.grid.units.UnitRunner.run]
 computes its rows. Each unit restarts the defense's noise stream and the attack's generator from
@@ -25,8 +25,8 @@ from randfeat.eval.defenses import AAA
 from randfeat.eval.forward import Forward, ForwardOptions
 from randfeat.eval.grid.config import SERVED, EvalConfig, derive_seed
 from randfeat.eval.oracle import Model, count_wrong, distance, rejudge
-from randfeat.eval.records import AttackRow, CalibratedDefense, CleanRow, Row, Unit
 from randfeat.eval.remote import HTTPModel
+from randfeat.eval.results.records import AttackRow, CalibratedDefense, CleanRow, Row, Unit
 from randfeat.wrapper import RandomizedFeatureWrapper, wrap
 
 __all__ = ["UnitRunner", "build_attacks", "build_defenses", "build_forwards", "grid_units"]

@@ -32,7 +32,7 @@ from typing import Any, Generic, TypeVar
 import torch
 from torch import Tensor, nn
 
-from randfeat.eval.data import Split
+from randfeat.eval.data.loaders import Split
 from randfeat.eval.lock import ExclusiveLock
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 [digits_cnn][randfeat.eval.models.digits.digits_cnn] trains
 [DigitsCNN][randfeat.eval.models.digits.DigitsCNN] on scikit-learn's digits
-([randfeat.eval.data.digits][]) deterministically on the CPU in a few seconds, and caches the
+([randfeat.eval.data.loaders.digits][]) deterministically on the CPU in a few seconds, and caches the
 weights in the user's cache directory ([randfeat.eval.models.cache][]).
 """
 
@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from randfeat.checks import check_int
-from randfeat.eval.data import Split, digits
+from randfeat.eval.data.loaders import Split, digits
 from randfeat.eval.models.cache import (
     CACHE_FORMAT_VERSION,
     TrainedModel,
@@ -155,7 +155,7 @@ def digits_cnn(
     cache_dir: str | os.PathLike[str] | None = None,
     retrain: bool = False,
 ) -> DigitsCNN:
-    """The digits CNN, trained on `randfeat.eval.data.digits` (>= 97% test accuracy).
+    """The digits CNN, trained on `randfeat.eval.data.loaders.digits` (>= 97% test accuracy).
 
     Training is deterministic on the CPU (a local `torch.Generator` seeded with 0 draws the
     initial weights and the mini-batch order; Adam, 8 epochs, batch 64, lr 5e-3 with a per-step

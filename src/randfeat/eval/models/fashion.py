@@ -2,7 +2,7 @@
 
 [fashion_cnn][randfeat.eval.models.fashion.fashion_cnn] trains
 [FashionCNN][randfeat.eval.models.fashion.FashionCNN] on the 60,000 training images of
-Fashion-MNIST ([randfeat.eval.data.fashion_mnist][]) on the CPU in a few minutes, and caches the
+Fashion-MNIST ([randfeat.eval.data.loaders.fashion_mnist][]) on the CPU in a few minutes, and caches the
 weights like the digits CNN ([randfeat.eval.models.cache][]: stale or corrupt caches are retrained,
 one process trains while the others wait for its file).
 """
@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from randfeat.eval.data import Split, fashion_mnist
+from randfeat.eval.data.loaders import Split, fashion_mnist
 from randfeat.eval.models.cache import (
     CACHE_FORMAT_VERSION,
     TrainedModel,
@@ -147,7 +147,7 @@ def fashion_cnn(
     data, and reused while both match.
 
     Args:
-        root: the Fashion-MNIST directory (see `randfeat.eval.data.fashion_mnist`).
+        root: the Fashion-MNIST directory (see `randfeat.eval.data.loaders.fashion_mnist`).
         pretrained: return trained weights; `False` returns an untrained model (global RNG).
         cache_dir: cache directory; default `$RANDFEAT_CACHE`, else
             `$XDG_CACHE_HOME/randfeat`, else `~/.cache/randfeat`.

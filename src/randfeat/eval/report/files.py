@@ -1,7 +1,7 @@
 """`randfeat report`'s files: the table of one or more result files as Markdown, CSV and a plot.
 
 [write_report][randfeat.eval.report.files.write_report] reads the result files
-([randfeat.eval.resultfile][]), summarizes each ([randfeat.eval.report.summary][]), combines the
+([randfeat.eval.results.file][]), summarizes each ([randfeat.eval.report.summary][]), combines the
 tables, and writes them ([randfeat.eval.report.render][], [randfeat.eval.report.plot][]).
 """
 
@@ -15,7 +15,7 @@ from randfeat.eval.errors import ReportError
 from randfeat.eval.report.plot import plot_curves
 from randfeat.eval.report.render import to_csv, to_markdown
 from randfeat.eval.report.summary import Table, combine, summarize
-from randfeat.eval.resultfile import read_results
+from randfeat.eval.results.file import read_results
 
 __all__ = ["FORMATS", "parse_formats", "write_report"]
 
@@ -59,7 +59,7 @@ def write_report(
 
     Raises:
         ReportError: a result file cannot be read (see
-            [read_results][randfeat.eval.resultfile.read_results]) or holds repeated rows.
+            [read_results][randfeat.eval.results.file.read_results]) or holds repeated rows.
         ImportError: `plot` without matplotlib.
     """
     paths = [Path(p) for p in results]

@@ -22,8 +22,8 @@ import torch
 
 from randfeat.eval.errors import ReportError
 from randfeat.eval.oracle import robust_accuracy_curve
-from randfeat.eval.records import AttackRow, Header, Row
 from randfeat.eval.report.summary import attack_label, attack_rows_by_cell, points, summarize
+from randfeat.eval.results.records import AttackRow, Header, Row
 
 __all__ = ["plot_curves", "robust_curve"]
 

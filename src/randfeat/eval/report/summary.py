@@ -27,8 +27,8 @@ from dataclasses import dataclass
 
 from randfeat.eval.attacks.registry import ATTACKS
 from randfeat.eval.errors import ReportError
-from randfeat.eval.records import AttackRow, CleanRow, Header, Row
-from randfeat.eval.resultfile import duplicate_rows
+from randfeat.eval.results.file import duplicate_rows
+from randfeat.eval.results.records import AttackRow, CleanRow, Header, Row
 
 __all__ = [
     "Cell",
