@@ -1,8 +1,9 @@
 """Look at the built docs site in a real browser: headless Chromium, the site on localhost, no network.
 
-    .venv/bin/mkdocs build --site-dir /tmp/randfeat-site
-    .venv/bin/python scripts/docs_browser.py --site /tmp/randfeat-site theory/ api/core/ \\
-        --screenshots /tmp/randfeat-shots
+    out=$(mktemp -d)
+    .venv/bin/mkdocs build --site-dir "$out/site"
+    .venv/bin/python scripts/docs_browser.py --site "$out/site" theory/ api/core/ \\
+        --screenshots "$out/shots"
 
 serves the built site on 127.0.0.1, opens each page in headless Chromium (Debian's `chromium`
 package, or the browser named by $RANDFEAT_CHROMIUM) with every host name except 127.0.0.1 made
