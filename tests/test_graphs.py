@@ -18,6 +18,7 @@ from randfeat import wrap
 
 # ---------------------------------------------------------------------------- torch.export
 @pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.slow
 def test_torch_export_with_a_dynamic_batch_draws_fresh_calibrated_noise(name: str) -> None:
     model, inputs = MODELS[name]()
     w = wrap(model, nu=NU)
@@ -55,6 +56,7 @@ def test_a_saved_exported_program_does_not_replay_its_noise_at_each_load() -> No
 
 # ---------------------------------------------------------------------------- torch.jit.trace
 @pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.slow
 def test_jit_trace_draws_fresh_calibrated_noise_and_saved_traces_do_not_replay(name: str) -> None:
     model, inputs = MODELS[name]()
     w = wrap(model, nu=NU)
@@ -76,6 +78,7 @@ def test_jit_trace_draws_fresh_calibrated_noise_and_saved_traces_do_not_replay(n
 
 # ---------------------------------------------------------------------------- torch.compile
 @pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.slow
 def test_compile_fullgraph_has_no_graph_break_and_matches_eager_for_a_seed(name: str) -> None:
     model, inputs = MODELS[name]()
     w = wrap(model, nu=NU, seed=0)

@@ -86,6 +86,7 @@ def _independent_drop(
 
 # ---------------------------------------------------------------------------- the key test
 @pytest.mark.parametrize(("layer", "draws"), [("head.pre", None), ("input", 8)])
+@pytest.mark.slow
 def test_calibrated_nu_gives_the_target_drop_on_fresh_noise(
     digits: Digits, digits_model: DigitsCNN, layer: str, draws: int | None
 ) -> None:

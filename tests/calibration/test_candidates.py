@@ -191,6 +191,7 @@ def _agree_with_full_forwards(
 
 
 @pytest.mark.parametrize("noise", NOISES)
+@pytest.mark.slow
 def test_projected_agrees_with_full_forwards_on_the_digits_cnn(
     digits: Digits, digits_model: DigitsCNN, noise: str
 ) -> None:
@@ -311,6 +312,7 @@ def test_antithetic_normal_pairs_each_draw_with_its_negation(draws: int) -> None
     assert torch.equal(eps[:, half:], -want[:, : draws - half])
 
 
+@pytest.mark.slow
 def test_antithetic_draws_make_the_accuracy_estimate_no_noisier(
     digits: Digits, digits_model: DigitsCNN
 ) -> None:

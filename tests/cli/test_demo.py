@@ -19,6 +19,7 @@ from randfeat.eval.results.file import read_results
 ATTACK_COLUMNS = ["Square ℓ∞ 30", "NES ℓ∞ 30", "SignHunter ℓ∞ 30", "RayS 30", "SignFlip 30"]
 
 
+@pytest.mark.slow
 def test_demo_end_to_end(
     tmp_path: Path,
     digits_model: DigitsCNN,

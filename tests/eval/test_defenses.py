@@ -146,6 +146,7 @@ def test_aaa_leaves_the_model_untouched(digits, digits_model) -> None:
 
 
 @pytest.mark.parametrize("variant", ["linear", "sine"])
+@pytest.mark.slow
 def test_aaa_matches_the_official_loop_row_by_row(variant) -> None:
     # The official code at batch size 1 (autograd + torch.optim.Adam) is our per-row result;
     # measured max difference 9e-5 over 200 rows (float rounding in a sign-driven loop).
@@ -233,6 +234,7 @@ def logit_batches(draw: st.DrawFn) -> Tensor:
 
 @settings(max_examples=40, deadline=None)
 @given(z=logit_batches(), variant=st.sampled_from(["linear", "sine"]))
+@pytest.mark.slow
 def test_aaa_never_changes_the_argmax(z: Tensor, variant: str) -> None:
     out = aaa_logits(z, variant=variant)
     assert out.shape == z.shape and out.dtype == z.dtype
@@ -253,6 +255,7 @@ def test_aaa_label_guard_holds_for_aggressive_settings(z: Tensor) -> None:
 # ---------------------------------------------------------------------------------------- AAA: Square
 
 
+@pytest.mark.slow
 def test_aaa_raises_robust_accuracy_under_square(digits, digits_model) -> None:
     # 40 correctly classified digits, ℓ∞ ε = 0.2, 100 queries, the query decides (votes = 1).
     # Measured: undefended 0.10-0.15, AAA 0.95. With n = 40, each robust accuracy has a binomial

@@ -202,6 +202,7 @@ def _attack_rows(path: Path) -> list[AttackRow]:
     )
 
 
+@pytest.mark.slow
 def test_bfloat16_robust_accuracy_is_float32s_within_sampling_error(
     cache_env: None, tmp_path: Path
 ) -> None:

@@ -12,6 +12,8 @@ import torch
 from randfeat.eval.attacks import RayS, SignFlip
 from randfeat.eval.defenses import AAA
 
+pytestmark = pytest.mark.slow  # whole attacks on trained models: seconds of CPU each
+
 
 @pytest.mark.parametrize("attack", [RayS(0.2), SignFlip(0.2)], ids=["rays", "signflip"])
 def test_aaa_leaves_decision_attacks_exactly_as_strong(digits, digits_model, attack) -> None:  # type: ignore[no-untyped-def]

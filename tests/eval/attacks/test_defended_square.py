@@ -4,8 +4,12 @@ model loses almost all of them."""
 
 from __future__ import annotations
 
+import pytest
+
 import randfeat
 from randfeat.eval.attacks import Square
+
+pytestmark = pytest.mark.slow  # whole attacks on trained models: seconds of CPU each
 
 
 def test_feature_defense_at_two_points_keeps_most_digits_under_square(digits, digits_model) -> None:  # type: ignore[no-untyped-def]

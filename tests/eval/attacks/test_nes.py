@@ -138,6 +138,7 @@ def test_gradient_estimate_descends_the_margin_of_a_linear_model() -> None:
 
 
 @pytest.mark.parametrize(("norm", "eps", "limit"), [("linf", 0.2, 0.30), ("l2", 1.5, 0.10)])
+@pytest.mark.slow
 def test_undefended_digits_robust_accuracy_drops(
     digits: Digits, digits_model: nn.Module, norm: Norm, eps: float, limit: float
 ) -> None:

@@ -223,6 +223,7 @@ def test_state_machine_matches_sequential_reference(digits, digits_model) -> Non
 
 
 # ---------------------------------------------------------------------------- the attack on digits
+@pytest.mark.slow
 def test_undefended_digits_robust_accuracy_far_down(digits, digits_model) -> None:
     """ε = 0.2, 1000 queries, 64 correctly classified images: RayS fools nearly all of them."""
     x, y = _correct(digits_model, digits.x_test, digits.y_test, 64)

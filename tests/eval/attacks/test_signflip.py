@@ -76,6 +76,7 @@ def test_defaults_reproduce_official_values_at_official_eps() -> None:
 # ---------------------------------------------------------------------------------------- digits
 
 
+@pytest.mark.slow
 def test_undefended_digits_robust_accuracy_drops(digits, digits_model) -> None:
     n = 60
     x, y = digits.x_test[:n], digits.y_test[:n]

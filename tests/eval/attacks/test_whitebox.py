@@ -32,6 +32,7 @@ def test_pgd_drives_the_undefended_digits_model_down(digits, digits_model) -> No
     assert _accuracy(digits_model, adv, y) < 0.15  # measured 0.03
 
 
+@pytest.mark.slow
 def test_eotpgd_is_at_least_as_strong_as_pgd_on_the_defended_model(digits, digits_model) -> None:  # type: ignore[no-untyped-def]
     """Robust accuracy (9-vote majority) under EOTPGD must not exceed PGD's beyond noise.
 

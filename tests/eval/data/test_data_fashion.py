@@ -162,6 +162,7 @@ def test_data_spec_load_errors_are_config_errors(tmp_path: Path) -> None:
 
 
 @needs_real_files
+@pytest.mark.slow
 def test_real_files() -> None:
     split = fashion_mnist(REAL)
     assert split.x_train.shape == (60000, 1, 28, 28) and split.x_test.shape == (10000, 1, 28, 28)

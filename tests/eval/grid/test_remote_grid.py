@@ -38,6 +38,7 @@ def defended_url(serve: Any, digits_model: nn.Module) -> Any:
         defended.unwrap()
 
 
+@pytest.mark.slow
 def test_eval_against_a_url_writes_a_result_file_resumes_and_reports(
     defended_url: str, tmp_path: Path, capsys: Any
 ) -> None:

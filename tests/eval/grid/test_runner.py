@@ -115,6 +115,7 @@ def run_cli(*args: str) -> int:
 
 
 # ------------------------------------------------------------ the result file
+@pytest.mark.slow
 def test_reference_file_is_complete_and_consistent(reference: Path) -> None:
     header, rows = load_results(reference)
     cfg = header["config"]
@@ -161,6 +162,7 @@ def test_reference_file_is_complete_and_consistent(reference: Path) -> None:
             assert r["verify_forwards"] == 3 * int(r["success"])  # first candidate is verified
 
 
+@pytest.mark.slow
 def test_clean_rows_are_judged_by_the_rule(reference: Path, digits_model: nn.Module) -> None:
     """A clean row counts the wrong votes of the defense at the clean image, from the noise
     stream the runner seeds for the unit; correct means not fooled by the judging rule."""
@@ -286,6 +288,7 @@ def test_mismatched_configuration_is_refused_naming_the_settings(
     assert out.read_bytes() == reference.read_bytes()
 
 
+@pytest.mark.slow
 def test_damaged_tail_is_dropped_and_recomputed(reference: Path, tmp_path: Path) -> None:
     data = reference.read_bytes()
     lines = data.splitlines(keepends=True)
@@ -324,6 +327,7 @@ def test_a_foreign_file_is_refused(cache_env: dict[str, str], tmp_path: Path, ca
     max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(cut=st.floats(0.0, 1.0))
+@pytest.mark.slow
 def test_any_truncation_keeps_exactly_the_complete_units(reference: Path, cut: float) -> None:
     """Cut the file anywhere: the kept rows are whole units of the reference, in file order."""
     data = reference.read_bytes()

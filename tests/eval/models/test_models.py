@@ -122,6 +122,7 @@ def test_cache_file_layout(digits_model: DigitsCNN, digits_cache_dir: Path) -> N
     assert [p.name for p in digits_cache_dir.iterdir()] == [rf_models.DIGITS_CNN_FILE]
 
 
+@pytest.mark.slow
 def test_corrupt_cache_is_retrained_deterministically(
     digits_model: DigitsCNN, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
