@@ -14,6 +14,7 @@ from types import MappingProxyType
 
 from randfeat.eval.attacks.base import Attack
 from randfeat.eval.attacks.eot import EOT
+from randfeat.eval.attacks.hsja import HopSkipJump
 from randfeat.eval.attacks.nes import NES
 from randfeat.eval.attacks.rays import RayS
 from randfeat.eval.attacks.signflip import SignFlip
@@ -79,6 +80,10 @@ _BASE = (
     AttackFactory("signhunter-l2", "SignHunter", "l2", "scores", lambda eps: SignHunter(eps, "l2")),
     AttackFactory("rays", "RayS", "linf", "labels", RayS),
     AttackFactory("signflip", "SignFlip", "linf", "labels", SignFlip),
+    AttackFactory(
+        "hsja-linf", "HopSkipJump", "linf", "labels", lambda eps: HopSkipJump(eps, "linf")
+    ),
+    AttackFactory("hsja-l2", "HopSkipJump", "l2", "labels", lambda eps: HopSkipJump(eps, "l2")),
 )
 _EOT = tuple(
     AttackFactory(f"eot-{f.name}", f.family, f.norm, f.output, f.build, eot=True) for f in _BASE
@@ -86,5 +91,5 @@ _EOT = tuple(
 
 ATTACKS: Mapping[str, AttackFactory] = MappingProxyType({f.name: f for f in (*_BASE, *_EOT)})
 """Every attack `randfeat eval --attacks` accepts, by name: `square-linf`, `square-l2`,
-`nes-linf`, `nes-l2`, `signhunter-linf`, `signhunter-l2`, `rays`, `signflip`, and `eot-<name>`
-for each (the adaptive attack of section 4.5, `--eot-m` forwards a query)."""
+`nes-linf`, `nes-l2`, `signhunter-linf`, `signhunter-l2`, `rays`, `signflip`, `hsja-linf`,
+`hsja-l2`, and `eot-<name>` for each (the adaptive attack of section 4.5, `--eot-m` forwards a query)."""
