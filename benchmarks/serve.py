@@ -15,11 +15,20 @@ stolen (hypervisor) share of its core-seconds. Two server settings: micro-batchi
 Targets (issue 13): with micro-batching, ≥ 2× the unbatched throughput at 16 clients, and ≥ 50% of
 the offline batched throughput for resnet18.
 
+`--detect [NAME]` (issue 22) measures instead what query detection costs: the micro-batched server
+without a detector and with one (`NAME`, default the library's default detector; memory store,
+its default threshold, `on_detect="log"`), in turns (`--repeats`), at each `--clients` level, and
+the ratio of their median requests/s (target: ≥ 0.80 for the digits CNN at 64 clients with `hey`).
+`hey` sends one body over and over, so from the second request on every query is an exact repeat:
+every one is flagged (and answered: `log`), and every lookup meets full posting lists, the
+detector's most expensive case.
+
 Usage:
 
     python benchmarks/serve.py                       # both models, 1000 requests per level
     python benchmarks/serve.py --requests 100 --models digits-cnn    # a quick check
     python benchmarks/serve.py --write               # replace "Serving" in docs/benchmarks.md
+    python benchmarks/serve.py --detect --models digits-cnn --clients 64 --repeats 3
 
 The client and the server share the machine, so the client's own CPU time is part of what is
 measured: about 0.3 ms per request for `hey`, 3-7 ms for asyncio + httpx (which is why httpx made
@@ -49,6 +58,7 @@ from common.machine import describe_machine, replace_section
 from torch import nn
 
 import randfeat
+from randfeat.detect import DEFAULT
 from randfeat.serve.protocol import NPY, encode_npy
 
 MODELS = ("digits-cnn", "resnet18")
@@ -79,8 +89,16 @@ def serve_child(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     model, shape = build(args.model)
     card = ModelCard(args.model, shape, 10, True, "feature")
-    opts = ServeOptions(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms)
-    run_server(model, card, opts, port=args.port, log_level="warning")
+    detector = None
+    detect = None
+    if args.detect_child:
+        from randfeat.detect import DETECTORS
+        from randfeat.serve.config import DetectOptions
+
+        detector = DETECTORS[args.detect_child](shape=shape)
+        detect = DetectOptions("log")
+    opts = ServeOptions(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, detect=detect)
+    run_server(model, card, opts, port=args.port, log_level="warning", detector=detector)
 
 
 def offline_throughput(name: str, batch: int, threads: int, seconds: float = 3.0) -> float:
@@ -233,12 +251,17 @@ def _free_port() -> int:
 
 
 def measure_server(
-    name: str, args: argparse.Namespace, max_batch: int, shape: tuple[int, int, int]
+    name: str,
+    args: argparse.Namespace,
+    max_batch: int,
+    shape: tuple[int, int, int],
+    detector: str | None = None,
 ) -> list[Load]:
     port = _free_port()
     cmd = [sys.executable, __file__, "--serve-child", "--model", name, "--port", str(port)]
     cmd += ["--max-batch", str(max_batch), "--max-wait-ms", str(args.max_wait_ms)]
     cmd += ["--threads", str(args.threads)]
+    cmd += ["--detect-child", detector] if detector else []
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     proc = subprocess.Popen(cmd, env=env)
     url = f"http://127.0.0.1:{port}"
@@ -269,6 +292,60 @@ def measure_server(
         proc.wait(60)
 
 
+def detection_cost(args: argparse.Namespace) -> None:
+    """Requests/s of the micro-batched server without and with a query detector, in turns."""
+    rows = [
+        "| model | detector | client | clients | run | requests | req/s | p50 ms | p99 ms "
+        "| server CPU ms/req | busiest thread ms/req | idle | stolen |"
+    ]
+    rows.append(
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    )
+    notes = []
+    for name in args.models:
+        _, shape = build(name)
+        rps: dict[tuple[str, int], list[float]] = {}
+        for run in range(1, args.repeats + 1):
+            for label, det in (("none", None), (args.detect, args.detect)):
+                for r in measure_server(name, args, args.max_batch, shape, det):
+                    rps.setdefault((label, r.clients), []).append(r.rps)
+                    rows.append(
+                        f"| {name} | {label} | {r.client} | {r.clients} | {run} | {r.requests} | "
+                        f"{r.rps:.0f} | {r.p50_ms:.1f} | {r.p99_ms:.1f} | {r.server_ms:.2f} | "
+                        f"{r.busiest_ms:.2f} | {r.idle:.0%} | {r.steal:.0%} |"
+                    )
+                    print(rows[-1], flush=True)
+        for c in args.clients:
+            off = statistics.median(rps[("none", c)])
+            on = statistics.median(rps[(args.detect, c)])
+            notes.append(
+                f"- {name}, {c} clients: median {off:.0f} req/s without detection, {on:.0f} with "
+                f"`{args.detect}`: **{on / off:.2f}×** (target ≥ 0.80; runs: "
+                f"{', '.join(f'{v:.0f}' for v in rps[('none', c)])} without, "
+                f"{', '.join(f'{v:.0f}' for v in rps[(args.detect, c)])} with)."
+            )
+    cmd = " ".join(["python benchmarks/serve.py", *sys.argv[1:]]).replace(" --write", "")
+    body = "\n".join(
+        [
+            f"Machine: {describe_machine()}; server: 1 worker, {args.threads} torch thread(s), "
+            f"micro-batching `max_batch={args.max_batch}`, `max_wait_ms={args.max_wait_ms:g}`; "
+            "single-image `.npy` requests on 127.0.0.1, client and server on the same machine. "
+            f'Detector: `{args.detect}` (memory store, default threshold, `on_detect="log"`); '
+            "one image sent over and over, so every query after the first is flagged (the "
+            "index's most expensive case). Runs alternate without and with detection.",
+            "",
+            *rows,
+            "",
+            *notes,
+            "",
+            f"Command: `{cmd}`.",
+        ]
+    )
+    print("\n" + body)
+    if args.write:
+        replace_section("Serving with query detection", body)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
@@ -285,12 +362,24 @@ def main() -> None:
         help="load generator: hey (Go; apt-get install hey), or asyncio + httpx in this process",
     )
     p.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    p.add_argument(
+        "--detect",
+        nargs="?",
+        const=DEFAULT,
+        metavar="NAME",
+        help=f"measure the cost of query detection instead (default detector: {DEFAULT})",
+    )
+    p.add_argument("--repeats", type=int, default=3, help="with --detect: runs of each server")
     p.add_argument("--serve-child", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--detect-child", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.serve_child:
         serve_child(args)
+        return
+    if args.detect:
+        detection_cost(args)
         return
 
     rows = [

@@ -60,6 +60,7 @@ def run_threads(workers: dict[str, Callable[[threading.Barrier], None]]) -> None
 
 
 # ---------------------------------------------------------------------------- threads
+@pytest.mark.slow
 def test_noise_disabled_and_the_bare_model_stay_in_their_own_thread() -> None:
     """Three noisy threads, one inside noise_disabled(), one calling the bare model, all at once.
 
@@ -235,6 +236,7 @@ def test_data_parallel_of_a_wrapper_on_the_cpu() -> None:
 
 # ---------------------------------------------------------------------------- fork
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.slow
 def test_forked_children_draw_different_independent_noise() -> None:
     """An unseeded wrapper used in the parent, then forked: the children must not replay each
     other's draws (x and x + μu sent to two workers would cancel the noise otherwise).
@@ -253,6 +255,7 @@ def test_forked_children_draw_different_independent_noise() -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.slow
 def test_forked_children_of_a_multithreaded_parent_answer() -> None:
     """GNU OpenMP is not fork-safe: after the parent ran the digits CNN on 2 threads, every
     forked child hung in its first convolution (10 of 10) until randfeat's after-fork hook set the
@@ -281,6 +284,7 @@ def test_forked_children_of_a_multithreaded_parent_answer() -> None:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.slow
 def test_seeded_wrapper_keeps_its_seed_in_forked_children() -> None:
     """Documented: a seed is a promise of reproducibility, so forked children replay it."""
     w = wrap(nn.Sequential(nn.Identity()), ["input"], nu=1.0, seed=3)

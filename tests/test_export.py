@@ -18,6 +18,8 @@ from torch import Tensor, nn
 from _deploy_models import MODELS, NU, check_variance, digits_cnn, draw_in_forked_children, features
 from randfeat import RandomizedFeatureWrapper, wrap
 
+pytestmark = pytest.mark.slow  # ONNX export and onnxruntime sessions: seconds of CPU each
+
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 np = pytest.importorskip("numpy")
@@ -172,3 +174,75 @@ def test_onnx_defended_is_fork_safe(tmp_path: Path) -> None:
     assert all(o.shape == (4, 10) for o in outs)
     assert id(holder[0].session) == parent
     assert holder[0](x).shape == (4, 10)
+
+
+# ---------------------------------------------------------------------------- keyed noise
+@pytest.fixture(scope="module")
+def keyed_export(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[RandomizedFeatureWrapper, Callable[[int], Tensor], str]:
+    """The digits CNN under keyed noise at two points, exported once (dynamic batch)."""
+    model, inputs = digits_cnn()
+    w = wrap(model, ["relu2", "penultimate"], nu=NU, noise="keyed")
+    path = str(tmp_path_factory.mktemp("onnx") / "keyed.onnx")
+    to_onnx(w, inputs(8), path)
+    return w, inputs, path
+
+
+def test_keyed_export_keeps_the_key_out_of_the_file(
+    keyed_export: tuple[RandomizedFeatureWrapper, Callable[[int], Tensor], str],
+) -> None:
+    """The graph takes its noise as inputs like a fresh one; the metadata says "keyed"; neither
+    the key's bytes nor its hex appear anywhere in the file."""
+    w, _, path = keyed_export
+    key = w.noise_key
+    assert key is not None
+    blob = Path(path).read_bytes()
+    assert key not in blob and key.hex().encode() not in blob
+    proto = onnx.load(path)
+    meta = json.loads({p.key: p.value for p in proto.metadata_props}[METADATA_KEY])
+    assert meta["noise"] == "keyed" and [e["layer"] for e in meta["inputs"]] == w.layers
+    assert {i.name for i in proto.graph.input} == {"x", "noise_0", "noise_1"}
+
+
+def test_onnx_defended_with_the_key_gives_the_wrappers_answers(
+    keyed_export: tuple[RandomizedFeatureWrapper, Callable[[int], Tensor], str],
+) -> None:
+    """With `key=defended.noise_key` the runner computes the wrapper's keyed draws: the same
+    logits (to 1e-5) in any batch order and size, every call. Without the key it draws a new one:
+    deterministic still, but not the wrapper's answers."""
+    w, inputs, path = keyed_export
+    x = inputs(9)
+    with torch.no_grad():
+        eager = w(x)
+    same = OnnxDefended(path, providers=["CPUExecutionProvider"], key=w.noise_key)
+    assert same.noise == "keyed"
+    assert (same(x) - eager).abs().max() <= 1e-5
+    assert (same(x.flip(0)) - eager.flip(0)).abs().max() <= 1e-5
+    assert (same(x[3:4]) - eager[3:4]).abs().max() <= 1e-5
+    other = OnnxDefended(path, providers=["CPUExecutionProvider"])
+    assert torch.equal(other(x), other(x)) and not torch.allclose(other(x), eager, atol=1e-3)
+    fresh = OnnxDefended(path, providers=["CPUExecutionProvider"], noise="fresh")
+    assert not torch.allclose(fresh(x), fresh(x))
+
+
+def test_onnx_defended_refuses_a_key_for_fresh_noise(tmp_path: Path) -> None:
+    model, inputs = digits_cnn()
+    path = str(tmp_path / "fresh.onnx")
+    to_onnx(wrap(model, nu=NU), inputs(2), path)
+    with pytest.raises(ValueError, match=r"no `key` with noise='fresh'"):
+        OnnxDefended(path, key=bytes(32))
+    with pytest.raises(ValueError, match=r"32 bytes \(256 bits\), but got 3 bytes"):
+        OnnxDefended(path, noise="keyed", key=b"abc")
+    assert OnnxDefended(path, noise="keyed").noise == "keyed"  # any graph can run keyed
+
+
+@pytest.mark.parametrize("dynamo", [False, True])
+def test_plain_onnx_export_of_a_keyed_wrapper_is_refused(tmp_path: Path, dynamo: bool) -> None:
+    """Exported by torch.onnx, the hash's coefficients would be constants in the file (the key,
+    in effect): both exporters stop, naming to_onnx and OnnxDefended(path, key=...)."""
+    model, inputs = digits_cnn()
+    with pytest.raises(Exception, match=r"randfeat\.export\.to_onnx.*OnnxDefended\(path, key="):
+        torch.onnx.export(
+            wrap(model, nu=NU, noise="keyed"), (inputs(2),), str(tmp_path / "k.onnx"), dynamo=dynamo
+        )

@@ -58,6 +58,9 @@ TIMM = {
     "vit_tiny_patch16_224": "head.pre",
     "deit_tiny_patch16_224": "head.pre",
 }
+TIMM_PARAMS = [  # vgg11 takes seconds of CPU to build: slow tier
+    pytest.param(n, marks=pytest.mark.slow) if n == "vgg11" else n for n in sorted(TIMM)
+]
 
 
 # ---------------------------------------------------------------------------- the statistics
@@ -117,7 +120,7 @@ def test_noise_is_independent_per_sample_and_per_call_and_per_layer() -> None:
 
 
 # ---------------------------------------------------------------------------- identity & transparency
-@pytest.mark.parametrize("name", sorted(TIMM))
+@pytest.mark.parametrize("name", TIMM_PARAMS)
 def test_zero_nu_is_the_identity_bit_for_bit(name: str) -> None:
     model = tiny_timm(name)
     x = torch.rand(2, 3, 32, 32)
@@ -128,7 +131,7 @@ def test_zero_nu_is_the_identity_bit_for_bit(name: str) -> None:
             assert torch.equal(wrap(model, [spec], nu=torch.zeros(1))(x), clean)
 
 
-@pytest.mark.parametrize("name", sorted(TIMM))
+@pytest.mark.parametrize("name", TIMM_PARAMS)
 def test_penultimate_resolves_to_the_classifier_input_on_timm(name: str) -> None:
     model = tiny_timm(name)
     w = wrap(model, ["penultimate"], nu=1.0, seed=0)
@@ -318,6 +321,7 @@ def test_batch_size_one() -> None:
     assert w.predict(torch.rand(1, 6)).shape == (1,)
 
 
+@pytest.mark.slow
 def test_torch_compile_matches_eager_and_respects_changes() -> None:
     model = MLP().eval()
     x = torch.rand(4, 6)

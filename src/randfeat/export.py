@@ -15,6 +15,13 @@ feeds it fresh noise at every call, per sample, from OS entropy (one stream per 
 in forked children, like the wrapper's). Any other runtime must do the same: draw every `noise_i`
 i.i.d. N(0, 1) afresh for every call from a cryptographically seeded generator.
 
+Keyed noise (`wrap(..., noise="keyed")`, `randfeat.keyed`) exports the same graph: its noise is a
+function of the key and `x` computed outside the graph, so **the key never enters the file** (a
+graph that computed it would hold the key as a constant, readable by anyone with the file: plain
+`torch.onnx.export` of a keyed wrapper is refused for that reason). The metadata records that the
+wrapper was keyed, not its key; `OnnxDefended(path, key=defended.noise_key)` computes the same
+keyed draws as the wrapper at every call, from `x` as float32.
+
 Requires the `onnx` extra: `pip install "randfeat[onnx]"`.
 """
 
@@ -33,6 +40,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
+from randfeat.keyed import KeyedNoise, NoiseKind, check_key, check_noise_options
 from randfeat.noise import NoiseRNG
 from randfeat.outputs import logits_of
 from randfeat.wrapper import RandomizedFeatureWrapper
@@ -126,7 +134,8 @@ def to_onnx(
         opset: the ONNX opset; `None` lets `torch.onnx.export` choose.
 
     Returns:
-        The noise inputs, in the order of `defended.layers` (also written to the file's metadata).
+        The noise inputs, in the order of `defended.layers` (also written to the file's metadata,
+        with `defended.noise`: `"fresh"` or `"keyed"`, never the key).
 
     Raises:
         TypeError: `defended` is not a wrapper, `example_x` not a floating tensor.
@@ -185,7 +194,8 @@ def to_onnx(
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
     entry.key = METADATA_KEY
-    entry.value = json.dumps({"version": 1, "inputs": [n.to_json() for n in inputs]})
+    noise_json = [n.to_json() for n in inputs]
+    entry.value = json.dumps({"version": 1, "noise": defended.noise, "inputs": noise_json})
     for graph_input in proto.graph.input:
         for n in inputs:
             if graph_input.name == n.name:
@@ -203,12 +213,15 @@ def to_onnx(
 
 
 class OnnxDefended:
-    """Run a graph written by [to_onnx][randfeat.export.to_onnx], with fresh noise at every call.
+    """Run a graph written by [to_onnx][randfeat.export.to_onnx], with its noise drawn at every call.
 
-    Each call draws every noise input i.i.d. N(0, 1) for every sample from this object's own
-    stream: seeded from OS entropy, one stream per thread, re-seeded in forked children (the
-    wrapper's policy, `randfeat.noise.NoiseRNG`). Two `OnnxDefended` objects, even on the same file
-    in one process, never draw the same noise. Thread-safe (onnxruntime sessions are).
+    Fresh noise: each call draws every noise input i.i.d. N(0, 1) for every sample from this
+    object's own stream: seeded from OS entropy, one stream per thread, re-seeded in forked
+    children (the wrapper's policy, `randfeat.noise.NoiseRNG`). Two `OnnxDefended` objects, even on
+    the same file in one process, never draw the same noise. Thread-safe (onnxruntime sessions
+    are). Keyed noise: each row's draws are computed from its float32 bytes and the key
+    (`randfeat.keyed`), exactly as the wrapper computes them, so the same key gives the wrapper's
+    noise; the key comes from the caller, never from the file.
 
     Fork-safe: onnxruntime sessions are not (a forked child inherits the session's thread pool
     without its threads, and any lock those threads held at the fork). In a forked child the
@@ -222,13 +235,27 @@ class OnnxDefended:
         path: the `.onnx` file.
         providers: onnxruntime execution providers, in order of preference; `None` takes every
             available one in onnxruntime's order.
+        noise: `"fresh"` or `"keyed"`; `None` takes what the file says its wrapper used.
+        key: the key of keyed noise (32 bytes, e.g. `defended.noise_key`); `None` draws a new
+            one from OS entropy (answers then differ from the wrapper's).
 
     Raises:
-        ValueError: the file was not written by `to_onnx` (it has no noise metadata).
+        ValueError: the file was not written by `to_onnx` (it has no noise metadata); `key` with
+            fresh noise or not 32 bytes.
         ImportError: onnxruntime is not installed (the `onnx` extra).
     """
 
-    def __init__(self, path: str | os.PathLike[str], providers: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        providers: list[str] | None = None,
+        *,
+        noise: NoiseKind | None = None,
+        key: bytes | None = None,
+    ) -> None:
+        if noise is not None or key is not None:  # check before loading anything
+            check_noise_options(noise or "keyed", None, key)
+            key = None if key is None else check_key(key)
         ort = _require("onnxruntime")
         self.path = str(path)
         self.providers = list(providers or ort.get_available_providers())
@@ -241,8 +268,13 @@ class OnnxDefended:
                 f"no {METADATA_KEY!r} metadata: its noise (if any) cannot be drawn safely. Export "
                 "the wrapper with randfeat.export.to_onnx(defended, example_x, path)."
             )
-        self.noise_inputs = tuple(NoiseInput.from_json(e) for e in json.loads(meta)["inputs"])
+        entries = json.loads(meta)
+        self.noise_inputs = tuple(NoiseInput.from_json(e) for e in entries["inputs"])
+        self.noise: NoiseKind = check_noise_options(
+            noise or entries.get("noise", "fresh"), None, key
+        )
         self._rng = NoiseRNG()
+        self._keyed = KeyedNoise(key) if self.noise == "keyed" else None
         _RUNNERS.add(self)
 
     @property
@@ -281,9 +313,13 @@ class OnnxDefended:
         n = array.shape[0]
         feeds = {"x": array}
         gen = self._rng.generator(torch.device("cpu"))
-        for inp in self.noise_inputs:
-            shape = [n if d == BATCH else int(d) for d in inp.shape]
-            feeds[inp.name] = torch.empty(shape).normal_(generator=gen).numpy()
+        seeds = None if self._keyed is None else self._keyed.row_seeds(torch.from_numpy(array))
+        for i, inp in enumerate(self.noise_inputs):
+            like = torch.empty([n if d == BATCH else int(d) for d in inp.shape])
+            if self._keyed is None or seeds is None:
+                feeds[inp.name] = like.normal_(generator=gen).numpy()
+            else:  # the index in the wrapper's layers: the stream the wrapper draws from
+                feeds[inp.name] = self._keyed.standard_normal(like, seeds, i).numpy()
         logits = self.session.run(["logits"], feeds)[0]
         if isinstance(x, Tensor):
             return torch.from_numpy(logits).to(x.device)  # type: ignore[return-value]

@@ -24,9 +24,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import weakref
-from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -36,59 +34,17 @@ from randfeat.batches import repeated_rows
 from randfeat.checks import check_optional, check_positive_int
 from randfeat.data_parallel import data_parallel_forward
 from randfeat.hooks import Hooks
+from randfeat.keyed import KEYED_DATA_PARALLEL_REFUSAL, KeyedNoise, NoiseKind, check_noise_options
 from randfeat.layers import HookPoint, resolve_layers
 from randfeat.noise import NoiseRNG, Variance, check_feature, per_layer, sigma_for, standard_normal
 from randfeat.outputs import logits_of
+from randfeat.runs import Run, WeakFeatureHook, check_draws
+from randfeat.state_dict_keys import add_model_prefix, strip_model_prefix
 
 __all__ = ["NuSpec", "RandomizedFeatureWrapper", "wrap"]
 
 NuSpec = float | Tensor | Mapping[str, "float | Tensor"]
 """A variance for every layer, a diagonal Σ, or a mapping from layer spec to variance."""
-
-_PREFIX = "model."
-
-
-@dataclass
-class _Run:
-    """One forward of one wrapper in one context (thread or task): what its hooks need to know."""
-
-    noise_on: bool
-    explicit: Mapping[str, Tensor] | None = None  # given standard-normal draws (forward_with_noise)
-    fired: set[str] = field(default_factory=set)
-    shapes: dict[str, torch.Size] = field(default_factory=dict)
-
-
-class _NoiseHook:
-    """The feature hook at one point: noise only inside its wrapper's forward, in that context.
-
-    It holds the wrapper weakly (the model owns the hook, the wrapper owns the model: a strong
-    reference would keep a dropped wrapper alive through the model). Pickled with a strong
-    reference so that a pickled model or wrapper comes back whole.
-    """
-
-    def __init__(self, wrapper: RandomizedFeatureWrapper, key: str) -> None:
-        self.ref: Callable[[], RandomizedFeatureWrapper | None] = weakref.ref(wrapper)
-        self.key = key
-
-    def __call__(self, feature: object) -> Tensor | None:
-        w = self.ref()
-        run = w._current_run() if w is not None else None
-        if w is None or run is None:
-            return None
-        run.fired.add(self.key)
-        return w._perturb(self.key, check_feature(feature, self.key), run)
-
-    def __getstate__(self) -> dict[str, object]:
-        return {"wrapper": self.ref(), "key": self.key}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        wrapper = state["wrapper"]
-        self.ref = weakref.ref(wrapper) if wrapper is not None else _dead
-        self.key = state["key"]
-
-
-def _dead() -> None:
-    return None
 
 
 class RandomizedFeatureWrapper(nn.Module):
@@ -106,10 +62,17 @@ class RandomizedFeatureWrapper(nn.Module):
         seed: `None` seeds the noise from OS entropy, per thread and again in every forked child
             (unpredictable: the secure default); an int or a `torch.Generator` makes the noise
             reproducible (see `randfeat.noise.NoiseRNG` for what a seed means under threads).
+        noise: `"fresh"` draws new noise at every forward; `"keyed"` makes each input row's noise
+            a function of a secret key and the row's bytes (`randfeat.keyed`): the same image
+            gets the same answer every time, any change to it independent noise.
+        key: the key of keyed noise, 32 bytes; `None` draws one from OS entropy. Never shown by
+            `repr`; read it back with
+            [noise_key][randfeat.wrapper.RandomizedFeatureWrapper.noise_key].
 
     Raises:
-        TypeError: `model` is not an `nn.Module`, or is already a wrapper.
-        ValueError: unknown or duplicate layer specs (with the closest valid names), bad `nu`.
+        TypeError: `model` is not an `nn.Module`, or is already a wrapper; `key` is not bytes.
+        ValueError: unknown or duplicate layer specs (with the closest valid names), bad `nu`;
+            `seed` with keyed noise or `key` with fresh noise; a key that is not 32 bytes.
     """
 
     def __init__(
@@ -118,6 +81,9 @@ class RandomizedFeatureWrapper(nn.Module):
         layers: str | Sequence[str] = ("penultimate",),
         nu: NuSpec = 0.01,
         seed: int | torch.Generator | None = None,
+        *,
+        noise: NoiseKind = "fresh",
+        key: bytes | None = None,
     ) -> None:
         if isinstance(model, RandomizedFeatureWrapper):
             raise TypeError(
@@ -129,12 +95,15 @@ class RandomizedFeatureWrapper(nn.Module):
             raise TypeError(
                 f"Expected argument `model` to be an nn.Module, but got {type(model).__name__}."
             )
+        kind = check_noise_options(noise, seed, key)
         super().__init__()
         points = resolve_layers(model, layers)  # raises before anything is attached
         self.model = model
         self._points: list[HookPoint] = points
+        self._index = {p.key: i for i, p in enumerate(points)}  # keyed noise: one stream each
         self._has_input = any(p.key == "input" for p in points)
         self._rng = NoiseRNG(seed)
+        self._keyed = KeyedNoise(key) if kind == "keyed" else None
         self._sigma_cache: dict[tuple[Any, ...], float | Tensor] = {}
         self._nu_given: NuSpec = 0.0
         self._nu: dict[str, Variance] = {}
@@ -144,21 +113,22 @@ class RandomizedFeatureWrapper(nn.Module):
         try:
             for p in points:
                 if p.key != "input":  # the wrapper perturbs its own input in forward()
-                    self._hooks.attach(p.module, _NoiseHook(self, p.key), pre=p.where == "input")
+                    hook = WeakFeatureHook(self, RandomizedFeatureWrapper._on_feature, p.key)
+                    self._hooks.attach(p.module, hook, pre=p.where == "input")
         except BaseException:
             self._hooks.remove()
             raise
-        self._hooks.add(self.register_state_dict_post_hook(_strip_prefix))
-        self._hooks.add(self.register_load_state_dict_pre_hook(_add_prefix))
+        self._hooks.add(self.register_state_dict_post_hook(strip_model_prefix))
+        self._hooks.add(self.register_load_state_dict_pre_hook(add_model_prefix))
         self._arm_finalizer()
 
     def _new_context_state(self) -> None:
         # One value per thread / asyncio task; shared by DataParallel replicas of this wrapper.
-        self._run_var: contextvars.ContextVar[_Run | None] = contextvars.ContextVar(
+        self._run_var: contextvars.ContextVar[Run | None] = contextvars.ContextVar(
             "randfeat_run", default=None
         )
         self._quiet_var = contextvars.ContextVar("randfeat_noise_disabled", default=False)
-        self._tracing: _Run | None = None  # the run while torch.compile traces forward
+        self._tracing: Run | None = None  # the run while torch.compile traces forward
 
     def _arm_finalizer(self) -> None:
         # Dropping the wrapper without unwrap() removes its hooks (the hooks hold it weakly).
@@ -207,10 +177,29 @@ class RandomizedFeatureWrapper(nn.Module):
         """Whether the noise stream was seeded by the caller (reproducible) or by OS entropy."""
         return self._rng.seeded
 
+    @property
+    def noise(self) -> NoiseKind:
+        """`"fresh"` (a new draw at every forward) or `"keyed"` (a function of key and input)."""
+        return "fresh" if self._keyed is None else "keyed"
+
+    @property
+    def noise_key(self) -> bytes | None:
+        """The secret key of keyed noise (32 bytes), `None` under fresh noise.
+
+        Read it deliberately, to build a wrapper that answers alike in another process
+        (`wrap(model, ..., noise="keyed", key=defended.noise_key)`); store it as a secret.
+        """
+        return None if self._keyed is None else self._keyed.key
+
     def manual_seed(self, seed: int) -> RandomizedFeatureWrapper:
-        """Restart the noise stream from `seed` (reproducible from here on)."""
+        """Restart the noise stream from `seed` (reproducible from here on; fresh noise only)."""
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"Expected argument `seed` to be an int, but got {seed!r}.")
+        if self._keyed is not None:
+            raise ValueError(
+                "Cannot seed keyed noise: it is a function of the key and the input, with no "
+                "stream. Its noise is already reproducible: build the wrapper with the same `key`."
+            )
         self._rng.reseed(seed)
         return self
 
@@ -224,12 +213,20 @@ class RandomizedFeatureWrapper(nn.Module):
             self._quiet_var.reset(token)
 
     # ------------------------------------------------------------------ forward
-    def _current_run(self) -> _Run | None:
+    def _current_run(self) -> Run | None:
         if torch.compiler.is_dynamo_compiling():
             return self._tracing
         return self._run_var.get()
 
-    def _perturb(self, key: str, feature: Tensor, run: _Run) -> Tensor:
+    def _on_feature(self, key: str, feature: object) -> Tensor | None:
+        """The feature hook at `key`: noise only inside this wrapper's forward, in its context."""
+        run = self._current_run()
+        if run is None:
+            return None
+        run.fired.add(key)
+        return self._perturb(key, check_feature(feature, key), run)
+
+    def _perturb(self, key: str, feature: Tensor, run: Run) -> Tensor:
         run.shapes[key] = feature.shape
         if not run.noise_on:
             return feature
@@ -246,25 +243,26 @@ class RandomizedFeatureWrapper(nn.Module):
                 sigma = sigma_for(nu, feature, key)
                 self._sigma_cache[ck] = sigma
         if run.explicit is not None:
-            eps = run.explicit[key]
-            if eps.shape != feature.shape:
-                raise ValueError(
-                    f"Expected the noise for {key!r} to have the feature's shape "
-                    f"{list(feature.shape)}, but got {list(eps.shape)}."
-                )
-            return feature + eps.to(feature.dtype) * sigma
-        return feature + standard_normal(feature, self._rng) * sigma
+            return feature + run.given_draw(key, feature) * sigma
+        if self._keyed is None:
+            return feature + standard_normal(feature, self._rng) * sigma
+        if run.seeds is None:  # the first keyed point of this forward hashes the input
+            run.seeds = self._keyed.row_seeds(run.x)
+        return feature + self._keyed.standard_normal(feature, run.seeds, self._index[key]) * sigma
 
-    def _call_model(self, run: _Run, x: Tensor, args: tuple[Any, ...], kwargs: Any) -> Any:
+    def _call_model(self, run: Run, x: Tensor, args: tuple[Any, ...], kwargs: Any) -> Any:
+        run.x = x if run.x is None else run.x  # a re-entrant call keeps the outer input
         if self._has_input:
             run.fired.add("input")
             x = self._perturb("input", check_feature(x, "input"), run)
         m = self.model
         if isinstance(m, nn.DataParallel) and len(m.device_ids) > 1:  # replicas in worker threads
+            if self._keyed is not None:
+                raise RuntimeError(KEYED_DATA_PARALLEL_REFUSAL)
             return data_parallel_forward(m, (x, *args), kwargs)
         return m(x, *args, **kwargs)
 
-    def _run(self, make: Callable[[], _Run], x: Tensor, args: tuple[Any, ...], kw: Any) -> Any:
+    def _run(self, make: Callable[[], Run], x: Tensor, args: tuple[Any, ...], kw: Any) -> Any:
         if not self._hooks:
             raise RuntimeError("This wrapper was unwrapped; wrap the model again to use it.")
         if torch.compiler.is_dynamo_compiling():  # context variables cannot be set in a graph
@@ -284,21 +282,16 @@ class RandomizedFeatureWrapper(nn.Module):
                 out = self._call_model(run, x, args, kw)
             finally:
                 self._run_var.reset(token)
-        if len(run.fired) != len(self._points):
-            missing = [k for k in self.layers if k not in run.fired]
-            raise RuntimeError(
-                f"Layer(s) {missing} were never reached in the model's forward, so no noise was "
-                "added there. Choose layers that the forward pass actually calls."
-            )
+        run.check_reached(self.layers)
         return out
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Any:
-        """The noisy forward: `model(x)` with fresh noise at every wrapped point.
+        """The noisy forward: `model(x)` with noise at every wrapped point (fresh, or keyed by `x`).
 
         Returns what the model returns (a logits tensor, or e.g. a `transformers` output object
         whose logits are computed from the noisy features).
         """
-        return self._run(lambda: _Run(noise_on=not self._quiet_var.get()), x, args, kwargs)
+        return self._run(lambda: Run(noise_on=not self._quiet_var.get()), x, args, kwargs)
 
     def forward_with_noise(
         self, x: Tensor, noise: Mapping[str, Tensor], *args: Any, **kwargs: Any
@@ -319,22 +312,13 @@ class RandomizedFeatureWrapper(nn.Module):
         Raises:
             ValueError: `noise` does not have exactly one tensor per layer, or a shape differs.
         """
-        if not isinstance(noise, Mapping) or set(noise) != set(self.layers):
-            got = sorted(noise) if isinstance(noise, Mapping) else type(noise).__name__
-            raise ValueError(
-                f"Expected argument `noise` to map every wrapped layer {self.layers} to a "
-                f"standard-normal tensor, but got {got}."
-            )
-        bad = [k for k, v in noise.items() if not isinstance(v, Tensor)]
-        if bad:
-            raise ValueError(f"Expected the noise for {bad} to be tensors.")
-        given = dict(noise)
-        return self._run(lambda: _Run(noise_on=True, explicit=given), x, args, kwargs)
+        given = check_draws(noise, self.layers)
+        return self._run(lambda: Run(noise_on=True, explicit=given), x, args, kwargs)
 
     @torch.no_grad()
     def feature_shapes(self, x: Tensor, *args: Any, **kwargs: Any) -> dict[str, torch.Size]:
         """The shape of the feature at every wrapped point for input `x` (one clean forward)."""
-        run = _Run(noise_on=False)
+        run = Run(noise_on=False)
         self._run(lambda: run, x, args, kwargs)
         return {k: run.shapes[k] for k in self.layers}
 
@@ -352,6 +336,8 @@ class RandomizedFeatureWrapper(nn.Module):
         `reduce="vote"` returns the plurality label, the one most of `votes` independent noisy
         forwards give, ties broken toward the class with the higher mean logit; `reduce="mean"`
         returns the argmax of the mean logits. No Python loop over samples.
+
+        Under keyed noise the `votes` forwards of a point are one answer, repeated.
 
         This is a label predictor, not the robustness criterion. Whether a point fools the
         randomized model is decided by the judging rule of Definition 1 and appendix D.4
@@ -394,7 +380,7 @@ class RandomizedFeatureWrapper(nn.Module):
         layers = ", ".join(p.describe() for p in self._points)
         nu = self._nu_given
         nu_s = f"Σ{list(nu.shape)}" if isinstance(nu, Tensor) else repr(nu)
-        src = "seeded" if self.seeded else "os-entropy"
+        src = "keyed" if self._keyed is not None else "seeded" if self.seeded else "os-entropy"
         return f"layers=[{layers}], nu={nu_s}, noise={src}"
 
     def __getstate__(self) -> dict[str, Any]:
@@ -418,30 +404,14 @@ class RandomizedFeatureWrapper(nn.Module):
         )
 
 
-def _strip_prefix(module: nn.Module, state: dict[str, Any], prefix: str, meta: Any) -> None:
-    """state_dict post-hook: `<prefix>model.<k>` -> `<prefix><k>` (the model's own keys)."""
-    full = prefix + _PREFIX
-    keys = [k for k in state if k.startswith(full)]
-    moved = OrderedDict((prefix + k[len(full) :], state.pop(k)) for k in keys)
-    state.update(moved)
-    md = getattr(state, "_metadata", None)
-    if md is not None:
-        for k in [k for k in md if k == full[:-1] or k.startswith(full)]:
-            md[prefix + k[len(full) :]] = md.pop(k)
-
-
-def _add_prefix(module: nn.Module, state: dict[str, Any], prefix: str, *args: Any) -> None:
-    """load_state_dict pre-hook: accept the model's own keys (and prefixed ones)."""
-    for k in [k for k in state if k.startswith(prefix) and not k.startswith(prefix + _PREFIX)]:
-        state[prefix + _PREFIX + k[len(prefix) :]] = state.pop(k)
-
-
 def wrap(
     model: nn.Module,
     layers: str | Sequence[str] = ("penultimate",),
     nu: NuSpec = 0.01,
     *,
     seed: int | torch.Generator | None = None,
+    noise: NoiseKind = "fresh",
+    key: bytes | None = None,
 ) -> RandomizedFeatureWrapper:
     """Wrap `model` with the randomized feature defense.
 
@@ -456,4 +426,4 @@ def wrap(
           layers=[penultimate -> fc.pre], nu=0.05, noise=os-entropy
           ...
     """
-    return RandomizedFeatureWrapper(model, layers, nu, seed)
+    return RandomizedFeatureWrapper(model, layers, nu, seed, noise=noise, key=key)

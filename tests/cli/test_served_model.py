@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from randfeat import RandomizedFeatureWrapper
-from randfeat.cli.served_model import ModelSpec, build
+from randfeat.cli.served_model import (
+    ModelSpec,
+    benign_images,
+    build,
+    calibrate_detector,
+    read_noise_key,
+)
+from randfeat.detect import DEFAULT, DETECTORS
 from randfeat.eval.errors import ConfigError
 
 
@@ -61,6 +68,41 @@ def test_a_timm_model_takes_its_size_from_image_size_when_nu_is_given() -> None:
     model.unwrap()
 
 
+def test_keyed_noise_is_served_with_the_given_key() -> None:
+    key = bytes(range(32))
+    model, card = build(ModelSpec(nu=2.0, noise="keyed", noise_key=key))
+    x = torch.rand(3, 1, 8, 8)
+    assert isinstance(model, RandomizedFeatureWrapper) and card.noise == "keyed"
+    assert model.noise_key == key and torch.equal(model(x), model(x))  # one answer per image
+    model.unwrap()
+    fresh, card = build(ModelSpec(nu=2.0))
+    assert card.noise == "fresh" and not torch.equal(fresh(x), fresh(x))
+    fresh.unwrap()
+
+
+def test_the_detector_is_calibrated_on_images_served_for_nothing_else(digits: Any) -> None:
+    x, where = benign_images(ModelSpec(), 10_000, (1, 8, 8))
+    assert where == "digits training images" and x.shape == (1257, 1, 8, 8)
+    test = {tuple(r.flatten().tolist()) for r in digits.x_test}
+    assert not any(tuple(r.flatten().tolist()) in test for r in x)  # the training split
+    det = DETECTORS[DEFAULT](seed=0)
+    threshold = calibrate_detector(det, ModelSpec(), (1, 8, 8), fpr=0.001, images=10_000)
+    assert det.threshold == threshold
+    # The 540 test digits streamed in order at the threshold calibrated to 0.1%: about
+    # 540 · 0.001 = 0.54 expected flags; P(Poisson(0.54) > 3) = 0.2%, and the seed fixes the run.
+    assert det.observe(digits.x_test, "benign").n_flagged <= 3
+    with pytest.raises(ConfigError, match="needs at least 10000 benign images"):
+        calibrate_detector(det, ModelSpec(), (1, 8, 8), fpr=1e-4, images=10_000)
+
+
+def test_a_noise_key_file_may_hold_hex_or_raw_bytes(tmp_path: Path) -> None:
+    key = bytes(range(200, 232))
+    (tmp_path / "hex").write_text(key.hex() + "\n")
+    (tmp_path / "raw").write_bytes(key)
+    assert read_noise_key(str(tmp_path / "hex")) == key == read_noise_key(str(tmp_path / "raw"))
+    assert read_noise_key(None, key.hex()) == key and read_noise_key(None, "") is None
+
+
 @pytest.mark.parametrize(
     ("spec", "match"),
     [
@@ -84,6 +126,9 @@ def test_bad_specs_are_config_errors(spec: ModelSpec, match: str) -> None:
         ({"target_drop": 1.5}, "target_drop"),
         ({"calib_images": 0}, "calib_images"),
         ({"layers": ()}, "layers"),
+        ({"noise": "keyed", "defense": "base"}, "keyed noise"),
+        ({"noise_key": bytes(32)}, "noise_key"),
+        ({"noise": "keyed", "noise_key": b"short"}, "32 bytes"),
     ],
 )
 def test_bad_values_are_refused_when_the_spec_is_made(kwargs: dict[str, Any], match: str) -> None:

@@ -314,3 +314,67 @@ def test_eot_repeats_one_forward_batch_at_a_time() -> None:
     assert out.tolist() == [0, 0, 0, 1]
     assert max(seen) <= 6 and sum(seen) == 12
     assert o.queries.tolist() == [3, 3, 3, 3]
+
+
+def _keyed_and_fresh_nets() -> tuple[torch.nn.Module, list[int]]:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 8), torch.nn.Linear(8, 2))
+    rows: list[int] = []
+    net.register_forward_pre_hook(lambda m, a: rows.append(a[0].shape[0]))
+    return net.eval(), rows
+
+
+def test_keyed_noise_votes_are_one_answer() -> None:
+    """Under keyed noise the 9 votes of a point are one answer: one forward, counts 0 or 9; under
+    fresh noise the same call runs 9 forwards a point and counts in between occur."""
+    x = torch.rand(40, 1, 2, 2, generator=torch.Generator().manual_seed(1))
+    y = torch.zeros(40, dtype=torch.long)
+    net, rows = _keyed_and_fresh_nets()
+    keyed = randfeat.wrap(net, ["penultimate"], nu=4.0, noise="keyed")
+    wrong = count_wrong(keyed, x, y, votes=9)
+    assert sum(rows) == 40  # one forward a point
+    assert set(wrong.tolist()) <= {0, 9} and 0 < int((wrong == 9).sum()) < 40
+    single = keyed(x).argmax(1) != y  # the one answer, asked again: the same
+    assert torch.equal(wrong == 9, single)
+    rows.clear()
+    fresh = randfeat.wrap(net, ["penultimate"], nu=4.0, seed=0)
+    wrong = count_wrong(fresh, x, y, votes=9)
+    assert sum(rows) == 40 * 9
+    assert bool(((wrong > 0) & (wrong < 9)).any())  # ν = 4 on logits of size ~1: votes split
+
+
+def test_keyed_noise_success_is_decided_by_the_query() -> None:
+    net, _ = _keyed_and_fresh_nets()
+    keyed = randfeat.wrap(net, ["penultimate"], nu=1.0, noise="keyed")
+    x = torch.rand(30, 1, 2, 2, generator=torch.Generator().manual_seed(2))
+    pred = keyed(x).argmax(1)
+    o = Oracle(keyed, x, 1 - pred, budget=5, eps=0.1, norm="linf", votes=9)
+    o.scores(x, torch.arange(30))  # every point is misclassified w.r.t. the flipped labels
+    assert o.success.all() and int(o.verify_forwards.sum()) == 0
+
+
+def test_a_refused_query_is_charged_and_not_answered() -> None:
+    """A query the owner refuses (a detector flagged it) ends the call, charged to its samples."""
+    from randfeat.eval.errors import QueryRefused
+
+    class Refusing(Counting):
+        def __call__(self, x: torch.Tensor) -> torch.Tensor:
+            if x.shape[0] > 1:
+                raise QueryRefused("flagged")
+            return super().__call__(x)
+
+    o = make(Refusing(), votes=9)
+    with pytest.raises(QueryRefused):
+        o.scores(o.x0[[0, 0, 2]], torch.tensor([0, 0, 2]))
+    assert o.queries.tolist() == [2, 0, 1] and not o.success.any()
+    o.scores(o.x0[[1]], torch.tensor([1]))  # the oracle keeps serving
+    assert o.queries.tolist() == [2, 1, 1]
+
+
+def test_rejudge_under_keyed_noise_asks_once() -> None:
+    net, rows = _keyed_and_fresh_nets()
+    keyed = randfeat.wrap(net, ["penultimate"], nu=4.0, noise="keyed")
+    x = torch.rand(20, 1, 2, 2, generator=torch.Generator().manual_seed(3))
+    y = torch.zeros(20, dtype=torch.long)
+    p = rejudge(keyed, x, y, votes=9, forwards=100)
+    assert sum(rows) == 20 and torch.equal(p, (keyed(x).argmax(1) != y).double())

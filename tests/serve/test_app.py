@@ -242,6 +242,7 @@ def test_a_labels_server_answers_labels_in_json_and_npy(
     assert got.dtype == np.int64 and got.tolist() == want
 
 
+@pytest.mark.slow
 def test_16_concurrent_clients_x_40_requests_all_answered_and_merged(
     serve: Any, digits_model: nn.Module, digits: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

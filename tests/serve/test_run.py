@@ -1,5 +1,6 @@
 """`run_server` in its own process: worker processes draw independent noise and share one ledger,
-and SIGTERM finishes the request in flight before the server exits."""
+and SIGTERM finishes the request in flight before the server exits; with keyed noise and a query
+detector, the workers share one noise key and one detector (key, threshold, store)."""
 
 from __future__ import annotations
 
@@ -61,13 +62,13 @@ def _post(url: str, body: bytes, key: str) -> httpx.Response:
 class _Server:
     """`toy_server.py` in its own process group (the group is killed if anything goes wrong)."""
 
-    def __init__(self, workers: int, log: Path) -> None:
+    def __init__(self, workers: int, log: Path, *extra: str) -> None:
         self.url = f"http://127.0.0.1:{_free_port()}"
         self.log_path = log
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
         with log.open("w") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, str(SCRIPT), self.url.rsplit(":", 1)[1], str(workers)],
+                [sys.executable, str(SCRIPT), self.url.rsplit(":", 1)[1], str(workers), *extra],
                 env=env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -163,9 +164,56 @@ def test_sigterm_finishes_the_request_in_flight_and_exits_cleanly(tmp_path: Path
         server.stop()
 
 
+@pytest.mark.slow
+def test_two_workers_share_one_noise_key_and_one_detector(tmp_path: Path) -> None:
+    store = f"sqlite:{tmp_path / 'detect.sqlite'}"
+    server = _Server(2, tmp_path / "server.log", store)
+    clients = _one_client_per_worker(server.url, 2)
+    (a, client_a), (b, client_b) = clients.items()
+    rng = np.random.default_rng(0)
+    u = rng.random((1, 1, 8, 8), dtype=np.float32) * 0.9  # not all ones (the slow image)
+    probe = np.clip(u + rng.normal(0, 0.01, u.shape).astype(np.float32), 0, 1)  # NES-like
+    v = rng.random((1, 1, 8, 8), dtype=np.float32) * 0.9
+
+    def post(client: httpx.Client, x: np.ndarray[Any, Any], key: str) -> np.ndarray[Any, Any]:
+        r = client.post(
+            "/v1/predict", content=encode_npy(x), headers={**NPY_HEADERS, "X-API-Key": key}
+        )
+        assert r.status_code == 200, r.text
+        return decode_npy(r.content)
+
+    try:
+        first = post(client_a, u, "alice")  # worker a sees u first
+        again = post(client_b, u, "bob")  # worker b: the same image (answered: on_detect log)
+        post(client_b, probe, "bob")  # and a probe near it
+        post(client_a, v, "carol")  # an unrelated image
+        # one noise key: the same image gets the same answer from either worker
+        np.testing.assert_array_equal(first, again)
+        usage = httpx.get(server.url + "/v1/usage", headers={"X-API-Key": "admin"}).json()
+        # one detector: worker b matched what worker a stored (same secret key, one store)
+        flagged = {k: row["flagged"] for k, row in usage["keys"].items()}
+        assert flagged == {"alice": 0, "bob": 2, "carol": 0}, (flagged, a, b)
+        for client in clients.values():
+            client.close()
+    finally:
+        server.stop()
+
+
 def test_a_seeded_defense_is_refused_for_several_workers() -> None:
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
     seeded = randfeat.wrap(net, ["penultimate"], nu=0.1, seed=0)
     card = ModelCard("toy", (1, 8, 8), 10, True)
     with pytest.raises(ValueError, match="same noise stream"):
         run_server(seeded, card, workers=2)
+
+
+def test_a_memory_detector_store_or_a_built_detector_is_refused_for_several_workers() -> None:
+    from randfeat.detect import DEFAULT, DETECTORS
+    from randfeat.serve.guard import DetectorSpec
+
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10))
+    card = ModelCard("toy", (1, 8, 8), 10, False)
+    with pytest.raises(ValueError, match="shared detector store"):
+        run_server(net, card, workers=2, detector=DetectorSpec(DEFAULT))
+    with pytest.raises(TypeError, match="DetectorSpec"):
+        run_server(net, card, workers=2, detector=DETECTORS[DEFAULT]())

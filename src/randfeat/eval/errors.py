@@ -6,7 +6,7 @@ its subclasses) and exits with code 2.
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "ReportError", "ResultFileBusy"]
+__all__ = ["ConfigError", "QueryRefused", "ReportError", "ResultFileBusy"]
 
 
 class ConfigError(ValueError):
@@ -19,3 +19,12 @@ class ReportError(ConfigError):
 
 class ResultFileBusy(ConfigError):
     """Another run is writing the result file (it holds the file's lock)."""
+
+
+class QueryRefused(RuntimeError):
+    """The model's owner refused a query (a stateful detector flagged it, or banned the key).
+
+    The rows were **sent and not answered**: the [Oracle][randfeat.eval.oracle.Oracle] charges
+    them to their samples' budgets, then lets the exception end the attack's call, as a refused
+    HTTP request ([QueryRejected][randfeat.eval.remote.QueryRejected]) does.
+    """

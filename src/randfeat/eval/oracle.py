@@ -11,9 +11,8 @@ or predicted labels (decision-based attacks). The oracle
 * decides success as the paper does (Definition 1 and appendix D.4): when a queried point inside
   the ε-ball says "misclassified", the point is judged with `votes` extra forwards, which are not
   charged as queries but are counted in `Oracle.verify_forwards`. `votes=1` is the "lucky attack"
-  setting (Table 15): the query itself decides.
-
-Queries count for every forward an attack sees; only the D.4 verification is free.
+  setting (Table 15): the query itself decides. A query the model's owner refuses
+  ([QueryRefused][randfeat.eval.errors.QueryRefused]) is charged and not answered.
 
 **The judging rule** lives here, in one function, [fooled][randfeat.eval.oracle.fooled]: a point
 fools the randomized model when a strict majority of `votes` applications misclassify it. The
@@ -34,6 +33,7 @@ from torch import Tensor
 
 from randfeat.batches import repeated_rows
 from randfeat.checks import check_choice, check_optional, check_positive_int
+from randfeat.eval.errors import QueryRefused
 from randfeat.outputs import logits_of
 
 Norm = Literal["linf", "l2"]
@@ -49,6 +49,7 @@ __all__ = [
     "count_wrong",
     "distance",
     "fooled",
+    "independent_votes",
     "rejudge",
     "robust_accuracy_curve",
 ]
@@ -88,6 +89,18 @@ def fooled(wrong: int | Tensor, votes: int) -> bool | Tensor:
     return 2 * wrong > votes
 
 
+def independent_votes(model: object, votes: int) -> int:
+    """How many of `votes` forwards of one point are independent answers: `votes` under fresh noise,
+    1 under keyed noise (`wrap(..., noise="keyed")`: a point's noise is a function of the point, so
+    its forwards are one answer given `votes` times, and a point is fooled exactly when that answer
+    is wrong). Looks through the `.module` of the harness's wrappers (`Forward`)."""
+    for _ in range(8):
+        if getattr(model, "noise", None) == "keyed":
+            return 1
+        model = getattr(model, "module", None)
+    return votes
+
+
 def count_wrong(
     model: Model, x: Tensor, y: Tensor, *, votes: int, batch_size: int | None = None
 ) -> Tensor:
@@ -97,16 +110,18 @@ def count_wrong(
     by the rule; at the clean images it says which ones the model gets wrong (a clean image is
     correct when it is not fooled at its own clean point). The forwards are the rows of
     `x.repeat_interleave(votes)` in full calls of `batch_size` rows, gathered one call at a time
-    ([repeated_rows][randfeat.batches.repeated_rows]).
+    ([repeated_rows][randfeat.batches.repeated_rows]); under keyed noise one forward answers for
+    all `votes` (`independent_votes`).
 
     Raises:
         ValueError: `votes < 1` (or TypeError on a wrong type).
     """
     check_positive_int(votes, "votes")
     n = x.shape[0]
-    pred = _predict_repeated(model, x, votes, batch_size or max(1, n * votes))
-    wrong = pred != y.to(pred.device).repeat_interleave(votes)
-    return wrong.view(n, votes).sum(dim=1)
+    k = independent_votes(model, votes)
+    pred = _predict_repeated(model, x, k, batch_size or max(1, n * k))
+    wrong = pred != y.to(pred.device).repeat_interleave(k)
+    return wrong.view(n, k).sum(dim=1) * (votes // k)
 
 
 def _forward(model: Model, x: Tensor, batch_size: int) -> Tensor:
@@ -334,17 +349,24 @@ class Oracle:
             if bool((new_queries > self.budget).any()):
                 raise RuntimeError("attack bug: a query would exceed the per-sample budget")
             raise RuntimeError("attack bug: queried a point outside [0, 1]")
-        if self.samples == 1:
-            out = self._raw(x)
-        else:  # EOT: full forward batches of the repeated rows, never the whole query at once
-            raw = [self._raw(rows) for rows in repeated_rows(x, self.samples, self.batch_size)]
-            if raw[0].ndim == 1:  # label-only model: average one-hot votes over a common K
-                k = max(self.num_classes or 0, *(int(r.max()) + 1 for r in raw))
-                raw = [torch.nn.functional.one_hot(r, k).float() for r in raw]
-            out = torch.cat(raw).view(x.shape[0], self.samples, -1).mean(dim=1)
+        try:
+            out = self._answer(x)
+        except QueryRefused:  # sent, not answered: the attacker pays for the rows all the same
+            self.queries = new_queries
+            raise
         self.queries = new_queries
         self._check_success(x, idx, self._predict(out))
         return out
+
+    def _answer(self, x: Tensor) -> Tensor:
+        if self.samples == 1:
+            return self._raw(x)
+        # EOT: full forward batches of the repeated rows, never the whole query at once
+        raw = [self._raw(rows) for rows in repeated_rows(x, self.samples, self.batch_size)]
+        if raw[0].ndim == 1:  # label-only model: average one-hot votes over a common K
+            k = max(self.num_classes or 0, *(int(r.max()) + 1 for r in raw))
+            raw = [torch.nn.functional.one_hot(r, k).float() for r in raw]
+        return torch.cat(raw).view(x.shape[0], self.samples, -1).mean(dim=1)
 
     def _check_success(self, x: Tensor, idx: Tensor, pred: Tensor) -> None:
         # `_query` refuses rows of succeeded samples, so every row here belongs to an open sample
@@ -361,7 +383,7 @@ class Oracle:
         rows = first[first < x.shape[0]]
         samp = idx[rows]
         pts = x[rows]
-        if self.votes == 1:  # the query itself is the one vote, and it was wrong
+        if independent_votes(self._model, self.votes) == 1:  # the query was the one answer
             won_rows = torch.ones(rows.shape[0], dtype=torch.bool, device=x.device)
         else:
             votes = torch.cat(
@@ -394,17 +416,6 @@ class Oracle:
         )
 
 
-def _fooling_probability(p: Tensor, votes: int) -> Tensor:
-    """P[a point is fooled by the rule], when each of `votes` forwards is wrong with probability
-    `p`: the sum of $\binom{v}{k} p^k (1-p)^{v-k}$ over the `k` that `fooled` accepts (float64)."""
-    p = p.double()
-    out = torch.zeros_like(p)
-    for k in range(votes + 1):
-        if fooled(k, votes):
-            out += math.comb(votes, k) * p.pow(k) * (1 - p).pow(votes - k)
-    return out
-
-
 def rejudge(
     model: Model,
     x_adv: Tensor,
@@ -425,8 +436,9 @@ def rejudge(
     """
     check_positive_int(forwards, "forwards")
     check_positive_int(votes, "votes")
-    n = x_adv.shape[0]
+    n, forwards = x_adv.shape[0], independent_votes(model, forwards)  # keyed noise: one answer
     pred = _predict_repeated(model, x_adv, forwards, batch_size or max(1, n * 10))
-    wrong = (pred != y.to(pred.device).repeat_interleave(forwards)).view(n, forwards)
-    p = wrong.double().mean(dim=1)
-    return _fooling_probability(p, votes)
+    p = (pred != y.to(pred.device).repeat_interleave(forwards)).view(n, forwards).double().mean(1)
+    fooling = [k for k in range(votes + 1) if fooled(k, votes)]  # P[fooled] = Σ C(v,k) p^k q^(v-k)
+    terms = [math.comb(votes, k) * p.pow(k) * (1 - p).pow(votes - k) for k in fooling]
+    return torch.stack(terms).sum(0)

@@ -9,6 +9,17 @@ Queries are counted by the [Oracle][randfeat.eval.oracle.Oracle], once per row i
 the model is called: retries inside `HTTPModel` (after a connection error or a 5xx) are invisible
 to it, so a retried request is never charged twice to a sample. The server counts images per key
 on its side and refunds a request that failed with a 5xx.
+
+**A request refused by the server's query detector** (`randfeat serve --detect`) raises
+[QueryRejected][randfeat.eval.remote.QueryRejected], with the wire code (`query_flagged` or
+`key_banned`) and the flagged rows. It is never retried: the detector recorded the rows, and
+sending them again is what it flags. How such a query counts: it was **sent and not answered**.
+The server charges the refused rows of `query_flagged` to the key (it examined and stored them;
+`key_banned` rows are not examined and not charged). In the evaluation, the exception propagates
+out of `HTTPModel.__call__` to the [Oracle][randfeat.eval.oracle.Oracle], which charges every
+row of the call to its sample (they were sent: a refusal costs the attacker its queries), and on
+out of the attack's `run`, with no answer for those rows. `err.rows` names the flagged rows;
+`err.answered` rows of the call were answered by earlier requests (their answers are dropped).
 """
 
 from __future__ import annotations
@@ -32,11 +43,14 @@ from randfeat.checks import (
     check_positive_int,
     expected,
 )
+from randfeat.eval.errors import QueryRefused
 from randfeat.serve.protocol import (
     API_KEY_HEADER,
     JSON,
     NPY,
+    REJECTION_CODES,
     REQUEST_ID_HEADER,
+    RETRY_AFTER_HEADER,
     ErrorBody,
     Output,
     ServerInfo,
@@ -44,7 +58,7 @@ from randfeat.serve.protocol import (
     encode_npy,
 )
 
-__all__ = ["HTTPModel", "RemoteError"]
+__all__ = ["HTTPModel", "QueryRejected", "RemoteError"]
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +81,37 @@ class RemoteError(RuntimeError):
         self.status = status
         self.error = error
         self.request_id = request_id
+
+
+class QueryRejected(RemoteError, QueryRefused):
+    """The server's query detector refused a request (403 `query_flagged` or `key_banned`).
+
+    See the module docstring for how such a query counts (sent, not answered).
+
+    Attributes:
+        code: `"query_flagged"` (rows of this request were flagged: the request was refused
+            whole) or `"key_banned"` (the key has too many flagged queries: every request is
+            refused).
+        rows: the flagged rows, as indices into the batch passed to `HTTPModel.__call__`
+            (empty for `key_banned`).
+        answered: rows of that batch answered by earlier requests of the same call (their
+            answers are dropped with the exception).
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str,
+        rows: tuple[int, ...] = (),
+        answered: int = 0,
+        status: int = 403,
+        request_id: str = "",
+    ) -> None:
+        super().__init__(message, status=status, error=code, request_id=request_id)
+        self.code = code
+        self.rows = rows
+        self.answered = answered
 
 
 def _require_httpx() -> Any:
@@ -92,7 +137,8 @@ class HTTPModel:
         timeout: seconds for each request.
         max_batch: the most images per request.
         retries: further tries after a connection error or a 5xx answer, with exponential
-            backoff (never after a 4xx: the request itself is wrong, or the key's budget is spent).
+            backoff, or the server's `Retry-After` when it asks for longer (never after a 4xx:
+            the request itself is wrong, the key's budget is spent, or the detector refused it).
         transport: `"npy"` (binary, fast) or `"json"`.
         backoff: the first retry's delay in seconds; it doubles at each further retry.
 
@@ -187,7 +233,9 @@ class HTTPModel:
 
         Raises:
             ValueError: `x` is not `[n, C, H, W]` of the server's shape.
-            RemoteError: a 4xx answer, or a 5xx / connection failure after every retry.
+            QueryRejected: the server's query detector refused a request (its rows are
+                indices into `x`).
+            RemoteError: another 4xx answer, or a 5xx / connection failure after every retry.
         """
         if not isinstance(x, Tensor) or x.ndim != 4:
             got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
@@ -198,7 +246,20 @@ class HTTPModel:
                 return torch.empty(0, dtype=torch.long, device=x.device)
             return torch.empty(0, self.info.classes, device=x.device)
         arr = x.detach().to("cpu", torch.float32).contiguous().numpy()
-        outs = [self._predict(chunk) for chunk in np.array_split(arr, self._chunks(arr))]
+        outs: list[np.ndarray[Any, Any]] = []
+        for chunk in np.array_split(arr, self._chunks(arr)):
+            try:
+                outs.append(self._predict(chunk))
+            except QueryRejected as err:  # rows of this chunk → rows of x
+                start = sum(o.shape[0] for o in outs)
+                raise QueryRejected(
+                    str(err),
+                    code=err.code,
+                    rows=tuple(start + r for r in err.rows),
+                    answered=start,
+                    status=err.status,
+                    request_id=err.request_id,
+                ) from None
         out = torch.from_numpy(np.concatenate(outs)) if len(outs) > 1 else torch.from_numpy(outs[0])
         if self.output == "labels" and out.ndim == 2:
             out = out.argmax(dim=1)
@@ -264,11 +325,11 @@ class HTTPModel:
         httpx = self._httpx
         rid = secrets.token_hex(8)  # the same id on every retry: one logical request in the log
         headers = {REQUEST_ID_HEADER: rid, **kwargs.pop("headers", {})}
-        last, last_status = "", 0
+        last, last_status, wait_at_least = "", 0, 0.0
         for attempt in range(self.retries + 1):
             if attempt:
                 self.retried += 1
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                time.sleep(max(self.backoff * 2 ** (attempt - 1), wait_at_least))
             try:
                 resp = self._client.request(method, path, headers=headers, **kwargs)
             except httpx.TransportError as err:
@@ -282,15 +343,36 @@ class HTTPModel:
                 return resp
             body = ErrorBody.from_response(resp.status_code, resp.content)
             msg = f"{method} {self.url}{path} → {resp.status_code} {body.error}: {body.message}"
+            if resp.status_code < 500 and body.error in REJECTION_CODES:
+                rows = body.detail.get("rows", [])
+                raise QueryRejected(
+                    msg,
+                    code=body.error,
+                    rows=tuple(int(r) for r in rows) if isinstance(rows, list) else (),
+                    status=resp.status_code,
+                    request_id=rid,
+                )
             if resp.status_code < 500:
                 raise RemoteError(msg, status=resp.status_code, error=body.error, request_id=rid)
             last, last_status = msg, resp.status_code
+            wait_at_least = _retry_after(resp.headers.get(RETRY_AFTER_HEADER))
             logger.warning("%s (try %d)", msg, attempt + 1)
         raise RemoteError(
             f"{method} {self.url}{path} failed after {self.retries + 1} tries: {last}",
             status=last_status,
             request_id=rid,
         )
+
+
+_MAX_RETRY_AFTER_S = 60.0
+
+
+def _retry_after(value: str | None) -> float:
+    """The seconds of a `Retry-After: <seconds>` header (0 when absent or a date), at most 60."""
+    try:
+        return min(_MAX_RETRY_AFTER_S, max(0.0, float(value))) if value else 0.0
+    except ValueError:
+        return 0.0
 
 
 def _json_body(arr: np.ndarray[Any, Any]) -> bytes:

@@ -11,7 +11,13 @@
   [MicroBatcher][randfeat.serve.batcher.MicroBatcher], and the defense draws noise per row.
 * `GET /healthz`: `{"status": "ok", "worker": token}`.
 * `GET /v1/info`: a [ServerInfo][randfeat.serve.protocol.ServerInfo].
-* `GET /v1/usage`: queries per key, for the admin key only.
+* `GET /v1/usage`: queries per key (and flagged queries, with detection), for the admin key
+  only.
+
+With a query detector (`detector=`, see [randfeat.serve.guard][]), every request is observed
+before the model answers, and a flagged one gets 403 `query_flagged` (or `key_banned`, or is
+answered and logged, as [DetectOptions][randfeat.serve.config.DetectOptions] says); a detector
+that cannot reach its store makes the server answer 503 `detector_unavailable`.
 
 Bad requests get a 4xx with a JSON [ErrorBody][randfeat.serve.protocol.ErrorBody] (see
 [randfeat.serve.decode][]); a failing model gets a 500 with a short message, logged with the
@@ -39,14 +45,18 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException
 from torch import Tensor
 
+from randfeat.detect import Detector
 from randfeat.outputs import logits_of
 from randfeat.serve.batcher import MicroBatcher
 from randfeat.serve.config import ModelCard, ServeOptions
 from randfeat.serve.decode import RequestError, decode_inputs
+from randfeat.serve.guard import Decision, Guard, account_of, refusal
 from randfeat.serve.protocol import (
     API_KEY_HEADER,
     JSON,
+    KEY_BANNED,
     NPY,
+    QUERY_FLAGGED,
     REQUEST_ID_HEADER,
     WORKER_HEADER,
     ErrorBody,
@@ -98,6 +108,7 @@ def create_app(
     options: ServeOptions | None = None,
     *,
     version: str | None = None,
+    detector: Detector | None = None,
 ) -> FastAPI:
     """The FastAPI application that serves `model`.
 
@@ -114,9 +125,16 @@ def create_app(
         options: how to answer; the defaults of [ServeOptions][randfeat.serve.config.ServeOptions]
             when `None`.
         version: the version reported by `/v1/info` (default: randfeat's).
+        detector: a query detector of [randfeat.detect][] (its threshold calibrated), used in
+            the inference thread only and closed with the application; what a flagged query
+            gets is `options.detect`.
 
     Returns:
         The application.
+
+    Raises:
+        TypeError: `model` is not callable, or `detector` is not a detector.
+        ValueError: `options.detect` without a detector.
 
     Examples:
         >>> import torch, randfeat
@@ -129,14 +147,23 @@ def create_app(
     if not callable(model):
         raise TypeError(f"Expected argument `model` to be callable, got {type(model).__name__}.")
     opts = options or ServeOptions()
+    if opts.detect is not None and detector is None:
+        raise ValueError(
+            "Expected a `detector` with `options.detect` (what to do with its verdicts); pass "
+            "detector=DETECTORS[name](...), or leave options.detect None."
+        )
+    guard = Guard(detector, opts.detect) if detector is not None else None
     if version is None:
         from randfeat import __version__
 
         version = __version__
-    info = opts.info(card, version).to_json()
+    info = opts.info(card, version, guard.name if guard else None).to_json()
     worker = secrets.token_hex(4)
     batcher = MicroBatcher(
-        _model_forward(model, card, opts), max_batch=opts.max_batch, max_wait_ms=opts.max_wait_ms
+        _model_forward(model, card, opts),
+        max_batch=opts.max_batch,
+        max_wait_ms=opts.max_wait_ms,
+        screen=guard.screen if guard is not None else None,
     )
     ledger = UsageLedger(opts.usage_db, limit=opts.max_queries_per_key)
 
@@ -144,19 +171,23 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         batcher.start()
         logger.info(
-            "serving %s (%s) worker=%s output=%s max_batch=%d max_wait_ms=%g",
+            "serving %s (%s%s) worker=%s output=%s max_batch=%d max_wait_ms=%g%s",
             card.name,
             f"defended: {card.defense}" if card.defended else "undefended",
+            ", keyed noise" if card.noise == "keyed" else "",
             worker,
             opts.output,
             opts.max_batch,
             opts.max_wait_ms,
+            "" if guard is None else f" detect={guard.name} on_detect={guard.options.on_detect}",
         )
         try:
             yield
         finally:  # uvicorn has finished the in-flight requests by now
             batcher.stop()
             ledger.close()
+            if guard is not None:
+                guard.close()
             logger.info("worker %s stopped", worker)
 
     # no /docs, /redoc or /openapi.json: the API is the four routes below, documented in docs/
@@ -169,13 +200,29 @@ def create_app(
         openapi_url=None,
     )
 
-    def respond(body: bytes, status: int, rid: str, media: str = JSON) -> Response:
-        headers = {REQUEST_ID_HEADER: rid, WORKER_HEADER: worker}
+    def respond(
+        body: bytes, status: int, rid: str, media: str = JSON, extra: dict[str, str] | None = None
+    ) -> Response:
+        headers = {REQUEST_ID_HEADER: rid, WORKER_HEADER: worker, **(extra or {})}
         return Response(content=body, status_code=status, media_type=media, headers=headers)
 
     def error(status: int, code: str, message: str, rid: str, **detail: Any) -> Response:
         body = ErrorBody(code, message, rid, detail).to_json()
         return respond(json.dumps(body).encode(), status, rid)
+
+    def refuse(decision: Decision, n: int, rid: str, tag: str) -> Response:
+        status, message, detail, headers = refusal(decision, n, guard.options if guard else None)
+        logger.info(
+            "request %s key=%s status=%d %s images=%d%s",
+            rid,
+            tag,
+            status,
+            decision.code,
+            n,
+            f" flagged={len(decision.rows)}" if decision.rows else "",
+        )
+        body = ErrorBody(str(decision.code), message, rid, detail).to_json()
+        return respond(json.dumps(body).encode(), status, rid, extra=headers)
 
     def request_id(request: Request) -> str:
         given = request.headers.get(REQUEST_ID_HEADER, "")
@@ -212,10 +259,26 @@ def create_app(
         given = request.headers.get(API_KEY_HEADER, "")
         if not hmac.compare_digest(given.encode(), opts.admin_key.encode()):
             return error(403, "forbidden", f"GET /v1/usage needs the admin {API_KEY_HEADER}.", rid)
-        keys = {
+        keys: dict[str, dict[str, Any]] = {
             k: {"queries": u.queries, "requests": u.requests} for k, u in ledger.usage().items()
         }
-        body = {"limit": opts.max_queries_per_key, "keys": keys}
+        body: dict[str, Any] = {"limit": opts.max_queries_per_key, "keys": keys}
+        if guard is not None:
+            try:
+                counts = await asyncio.to_thread(guard.counts)
+            except Exception as err:  # the store is down: the ledger's counts all the same
+                logger.warning("GET /v1/usage: detector counts unavailable (%s)", err)
+                counts = None
+            body["detector_available"] = counts is not None
+            for k, row in keys.items():
+                acc = k if k == ANONYMOUS else account_of(k)
+                got = None if counts is None else counts.get(acc)
+                row["flagged"] = None if counts is None else (got.flagged if got else 0)
+                if guard.options.on_detect == "ban":
+                    banned = guard.is_banned(acc)
+                    if got is not None:
+                        banned = banned or got.flagged >= guard.options.ban_after
+                    row["banned"] = banned
         return respond(json.dumps(body).encode(), 200, rid)
 
     async def read_body(request: Request) -> bytes:
@@ -245,6 +308,7 @@ def create_app(
         key = request.headers.get(API_KEY_HEADER) or None
         tag = _key_tag(key)
         account = ANONYMOUS if key is None else key
+        watched = account_of(key)  # the detector's account: a hash, never the key
         with batcher.expect() as submit:  # others may wait for this one to share their forward
             try:
                 if opts.api_keys is not None and key not in opts.api_keys:
@@ -266,6 +330,8 @@ def create_app(
             except Exception as err:  # a bug of ours: answered here, the connection stays open
                 return await internal_error(request, err)
             n = x.shape[0]
+            if guard is not None and guard.is_banned(watched):  # known here: no store access
+                return refuse(Decision(False, KEY_BANNED), n, rid, tag)
             charge = ledger.charge(account, n)
             if not charge.allowed:
                 logger.info("request %s key=%s status=429 images=%d", rid, tag, n)
@@ -281,7 +347,7 @@ def create_app(
                     requested=n,
                 )
             try:
-                future = submit(torch.from_numpy(x))
+                future = submit(torch.from_numpy(x), watched)
             except RuntimeError:  # the inference worker has stopped: the server is going down
                 ledger.refund(account, n)
                 return error(503, "shutting_down", "The server is shutting down; retry.", rid)
@@ -297,24 +363,37 @@ def create_app(
                 "id to the service owner.",
                 rid,
             )
+        decision = done.admission
+        if isinstance(decision, Decision) and not decision.answer:
+            if decision.code != QUERY_FLAGGED:  # not examined: nothing to charge
+                ledger.refund(account, n)
+            return refuse(decision, n, rid, tag)
+        if done.output is None:  # pragma: no cover - the batcher computes every admitted request
+            raise RuntimeError("the batcher returned no output for an admitted request")
         out = done.output.numpy()
         if NPY in request.headers.get("accept", ""):
             resp = respond(encode_npy(out), 200, rid, NPY)
         else:
             field = "labels" if opts.output == "labels" else "scores"
             resp = respond(json.dumps({field: out.tolist()}).encode(), 200, rid)
+        note = ""
+        if isinstance(decision, Decision):
+            note = f" flagged={len(decision.rows)}" if decision.rows else ""
+            note += "" if decision.checked else " unchecked"
         logger.info(
-            "request %s key=%s status=200 images=%d batch=%d/%d ms=%.1f",
+            "request %s key=%s status=200 images=%d batch=%d/%d ms=%.1f%s",
             rid,
             tag,
             n,
             done.batch_images,
             done.batch_requests,
             1000 * (time.perf_counter() - t0),
+            note,
         )
         return resp
 
     app.state.worker = worker
     app.state.ledger = ledger
     app.state.batcher = batcher
+    app.state.guard = guard
     return app

@@ -12,6 +12,10 @@ a lone client pays no waiting time. A request is never split, so one larger than
 The model only ever runs in the worker thread: it needs no thread-safety of its own, and each row
 of a forward gets its own noise draw from the defended model (the noise is per sample), so merging
 never makes two requests share noise.
+
+An optional `screen` (the server's query detector, [Guard.screen][randfeat.serve.guard.Guard.screen])
+runs in the same thread before the forward, on the batch's requests and their accounts; it admits
+or refuses each request, and only the admitted ones reach the model.
 """
 
 from __future__ import annotations
@@ -21,19 +25,30 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import cast
+from typing import Protocol, cast
 
 import torch
 from torch import Tensor
 
 from randfeat.checks import check_nonnegative_float, check_positive_int
 
-__all__ = ["BatchResult", "MicroBatcher"]
+__all__ = ["Admission", "BatchResult", "MicroBatcher", "Screen"]
 
 logger = logging.getLogger("randfeat.serve")
+
+
+class Admission(Protocol):
+    """What a screen says about one request: at least whether the model answers it."""
+
+    @property
+    def answer(self) -> bool: ...
+
+
+Screen = Callable[[Sequence[Tensor], Sequence[str]], Sequence[Admission]]
+"""`screen(xs, accounts)`: one admission per request of a batch, in order."""
 
 
 @dataclass(frozen=True)
@@ -41,20 +56,23 @@ class BatchResult:
     """The rows of one request and how they were computed.
 
     Attributes:
-        output: the request's rows of the model's output.
+        output: the request's rows of the model's output; `None` when the screen refused it.
         batch_images: images in the forward that computed them (this request and others).
         batch_requests: requests merged into that forward.
+        admission: what the screen said about the request (`None` without a screen).
     """
 
-    output: Tensor
+    output: Tensor | None
     batch_images: int
     batch_requests: int
+    admission: Admission | None = None
 
 
 @dataclass
 class _Job:
     x: Tensor
     future: Future[BatchResult]
+    account: str = ""
 
 
 _STOP = object()
@@ -68,6 +86,9 @@ class MicroBatcher:
             thread only, under `torch.inference_mode`).
         max_batch: the most images merged into one forward (`>= 1`; 1 = no merging).
         max_wait_ms: how long the first request of a batch waits for others (`>= 0`).
+        screen: called in the worker thread with each batch's requests and accounts before the
+            forward; only the requests it admits are computed. An exception it raises fails
+            every request of the batch.
 
     Examples:
         >>> import torch
@@ -79,9 +100,15 @@ class MicroBatcher:
     """
 
     def __init__(
-        self, forward: Callable[[Tensor], Tensor], *, max_batch: int = 64, max_wait_ms: float = 5.0
+        self,
+        forward: Callable[[Tensor], Tensor],
+        *,
+        max_batch: int = 64,
+        max_wait_ms: float = 5.0,
+        screen: Screen | None = None,
     ) -> None:
         self._forward = forward
+        self._screen = screen
         self.max_batch = check_positive_int(max_batch, "max_batch")
         self.max_wait = check_nonnegative_float(max_wait_ms, "max_wait_ms") / 1000.0
         self._queue: queue.SimpleQueue[_Job | object] = queue.SimpleQueue()
@@ -92,8 +119,8 @@ class MicroBatcher:
         self._expected = 0  # requests announced but not yet submitted
 
     @contextlib.contextmanager
-    def expect(self) -> Iterator[Callable[[Tensor], Future[BatchResult]]]:
-        """Announce a request that will be submitted soon; yields its `submit`.
+    def expect(self) -> Iterator[Callable[[Tensor, str], Future[BatchResult]]]:
+        """Announce a request that will be submitted soon; yields its `submit(x, account)`.
 
         Enter it when a request arrives, before its body is read and decoded: the worker waits
         up to `max_wait_ms` for announced requests to join a batch. Submitting through the
@@ -102,12 +129,12 @@ class MicroBatcher:
         """
         done = False
 
-        def submit(x: Tensor) -> Future[BatchResult]:
+        def submit(x: Tensor, account: str = "") -> Future[BatchResult]:
             nonlocal done
             if done:
                 raise RuntimeError("This announced request was already submitted.")
             done = True
-            return self._submit(x, announced=True)
+            return self._submit(x, account, announced=True)
 
         with self._lock:
             self._expected += 1
@@ -138,16 +165,16 @@ class MicroBatcher:
         if thread is not None:
             thread.join(timeout)
 
-    def submit(self, x: Tensor) -> Future[BatchResult]:
-        """Queue `x: [n, ...]`; the future gives its rows of the output.
+    def submit(self, x: Tensor, account: str = "") -> Future[BatchResult]:
+        """Queue `x: [n, ...]` of `account` (for the screen); the future gives its rows.
 
         Raises:
             RuntimeError: the batcher is not running.
         """
-        return self._submit(x, announced=False)
+        return self._submit(x, account, announced=False)
 
-    def _submit(self, x: Tensor, *, announced: bool) -> Future[BatchResult]:
-        job = _Job(x, Future())
+    def _submit(self, x: Tensor, account: str, *, announced: bool) -> Future[BatchResult]:
+        job = _Job(x, Future(), account)
         with self._lock:  # atomic with stop(): every job is queued before the sentinel or refused
             if announced:
                 self._expected -= 1
@@ -199,12 +226,38 @@ class MicroBatcher:
             stop = stop or saw_stop
             self._compute(jobs)
 
+    def _admit(self, jobs: list[_Job]) -> list[Admission | None] | None:
+        """The screen's admissions (`None` without a screen); `None` after failing the jobs."""
+        if self._screen is None:
+            return [None] * len(jobs)
+        try:
+            # no_grad, not inference_mode: a screen's stored state (the detector's tensors) must
+            # stay usable outside the batcher, e.g. by the detector's own calibrate or tests
+            with torch.no_grad():
+                said = list(self._screen([j.x for j in jobs], [j.account for j in jobs]))
+            if len(said) != len(jobs):
+                raise RuntimeError(f"the screen answered {len(said)} of {len(jobs)} requests")
+        except Exception as err:  # every request of the batch gets the error
+            for j in jobs:
+                j.future.set_exception(err)
+            return None
+        return list(said)
+
     def _compute(self, jobs: list[_Job]) -> None:
         jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
         if not jobs:
             return
-        sizes = [j.x.shape[0] for j in jobs]
-        x = jobs[0].x if len(jobs) == 1 else torch.cat([j.x for j in jobs])
+        said = self._admit(jobs)
+        if said is None:
+            return
+        for j, a in zip(jobs, said, strict=True):
+            if a is not None and not a.answer:
+                j.future.set_result(BatchResult(None, 0, 0, a))
+        pairs = [(j, a) for j, a in zip(jobs, said, strict=True) if a is None or a.answer]
+        if not pairs:
+            return
+        sizes = [j.x.shape[0] for j, _ in pairs]
+        x = pairs[0][0].x if len(pairs) == 1 else torch.cat([j.x for j, _ in pairs])
         t0 = time.perf_counter()
         try:
             with torch.inference_mode():
@@ -213,14 +266,14 @@ class MicroBatcher:
                 got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
                 raise RuntimeError(f"the model returned {got} for a batch of {x.shape[0]} images")
         except Exception as err:  # every request of the batch gets the error
-            for j in jobs:
+            for j, _ in pairs:
                 j.future.set_exception(err)
             return
         logger.debug(
             "forward of %d images from %d requests in %.1f ms",
             x.shape[0],
-            len(jobs),
+            len(pairs),
             1000 * (time.perf_counter() - t0),
         )
-        for j, rows in zip(jobs, out.split(sizes), strict=True):
-            j.future.set_result(BatchResult(rows, x.shape[0], len(jobs)))
+        for (j, a), rows in zip(pairs, out.split(sizes), strict=True):
+            j.future.set_result(BatchResult(rows, x.shape[0], len(pairs), a))

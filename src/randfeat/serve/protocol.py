@@ -8,7 +8,10 @@ Both sides of the HTTP API read this module and nothing else of each other: the 
   float16/32/64, `allow_pickle=False`). It answers `{"scores": [[...]]}` or `{"labels": [...]}`
   as JSON, or the bare array as `.npy` when the request says `Accept: application/x-npy`.
 * `GET /v1/info` answers a [ServerInfo][randfeat.serve.protocol.ServerInfo].
-* Every error is JSON: [ErrorBody][randfeat.serve.protocol.ErrorBody].
+* Every error is JSON: [ErrorBody][randfeat.serve.protocol.ErrorBody]. The codes a client is
+  meant to act on are constants here: [QUERY_FLAGGED][randfeat.serve.protocol.QUERY_FLAGGED],
+  [KEY_BANNED][randfeat.serve.protocol.KEY_BANNED] and
+  [DETECTOR_UNAVAILABLE][randfeat.serve.protocol.DETECTOR_UNAVAILABLE].
 
 This module needs only NumPy and the standard library (no FastAPI, no torch).
 """
@@ -25,9 +28,14 @@ import numpy as np
 
 __all__ = [
     "API_KEY_HEADER",
+    "DETECTOR_UNAVAILABLE",
     "JSON",
+    "KEY_BANNED",
     "NPY",
+    "QUERY_FLAGGED",
+    "REJECTION_CODES",
     "REQUEST_ID_HEADER",
+    "RETRY_AFTER_HEADER",
     "WORKER_HEADER",
     "ErrorBody",
     "Output",
@@ -46,6 +54,20 @@ REQUEST_ID_HEADER = "X-Request-Id"
 WORKER_HEADER = "X-Randfeat-Worker"
 """A random token per server process (not its pid): which worker answered."""
 
+RETRY_AFTER_HEADER = "Retry-After"
+"""Seconds to wait before retrying, sent with `503 detector_unavailable`."""
+
+QUERY_FLAGGED = "query_flagged"
+"""403: the detector flagged a row of the request, which was refused whole; the body's `rows`
+lists the flagged rows (0-based, in the request). The rows were recorded and charged."""
+KEY_BANNED = "key_banned"
+"""403: the key has had `--ban-after` queries flagged and is refused on every request."""
+DETECTOR_UNAVAILABLE = "detector_unavailable"
+"""503 with `Retry-After`: the detector's store cannot be reached, so nothing is answered
+unchecked (the server fails closed); nothing was charged. Retry later."""
+REJECTION_CODES = (QUERY_FLAGGED, KEY_BANNED)
+"""The codes of a request refused by query detection (a 403 that retrying does not change)."""
+
 Output = Literal["scores", "labels"]
 
 
@@ -53,8 +75,11 @@ Output = Literal["scores", "labels"]
 class ServerInfo:
     """What `GET /v1/info` tells a client about the served model.
 
-    The defense's configuration (`defense`, `layers`, `nu`) is `None` unless the server runs
-    with `--reveal-config`: a service should not tell an attacker its noise scale.
+    The defense's configuration (`defense`, `layers`, `nu`) and the detector's (`detector`,
+    `on_detect`) are `None` unless the server runs with `--reveal-config`: a service should not
+    tell an attacker its noise scale, nor whether a flagged query is refused or only logged.
+    That detection is on (`detection`) and that the noise is keyed (`keyed_noise`) are told: a
+    client needs them to read a 403 and to know that resubmitting an image gets the same answer.
 
     Attributes:
         model: the model's name, e.g. `"digits-cnn"` or `"resnet18"`.
@@ -68,6 +93,11 @@ class ServerInfo:
         layers: the perturbed layers (revealed only).
         nu: the variance ν of the noise (revealed only).
         version: the randfeat version of the server.
+        detection: whether queries go through a stateful detector (`randfeat serve --detect`).
+        keyed_noise: whether the noise is a function of a secret key and the image (the same
+            image gets the same answer every time) rather than fresh at every query.
+        detector: the detector's name (revealed only).
+        on_detect: `"reject"`, `"ban"` or `"log"`, what a flagged query gets (revealed only).
     """
 
     model: str
@@ -81,9 +111,14 @@ class ServerInfo:
     layers: tuple[str, ...] | None = None
     nu: float | None = None
     version: str = field(default="")
+    detection: bool = False
+    keyed_noise: bool = False
+    detector: str | None = None
+    on_detect: str | None = None
 
     def public(self) -> ServerInfo:
-        """This record without the defense's configuration (what an unrevealing server says)."""
+        """This record without the defense's and the detector's configuration (what an
+        unrevealing server says)."""
         return ServerInfo(
             self.model,
             self.input_shape,
@@ -93,6 +128,8 @@ class ServerInfo:
             self.max_images,
             self.max_body_bytes,
             version=self.version,
+            detection=self.detection,
+            keyed_noise=self.keyed_noise,
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -130,11 +167,19 @@ class ServerInfo:
                 layers=None if layers is None else tuple(str(s) for s in layers),
                 nu=None if nu is None else float(nu),
                 version=str(d.get("version", "")),
+                detection=bool(d.get("detection", False)),  # absent before detection existed
+                keyed_noise=bool(d.get("keyed_noise", False)),
+                detector=_optional_str(d.get("detector")),
+                on_detect=_optional_str(d.get("on_detect")),
             )
         except (KeyError, TypeError, ValueError) as err:
             raise ValueError(
                 f"Expected a randfeat server's /v1/info record, but got {d!r} ({err})."
             ) from err
+
+
+def _optional_str(value: object) -> str | None:
+    return None if value is None else str(value)
 
 
 @dataclass(frozen=True)

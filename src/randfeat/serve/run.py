@@ -5,8 +5,12 @@
   not a fork), so the model travels to them pickled in a private temporary directory; a
   [RandomizedFeatureWrapper][randfeat.RandomizedFeatureWrapper] seeded from OS entropy draws a new
   seed when it is unpickled, so every worker draws its own, independent noise. A seeded wrapper
-  would replay one stream in every worker and is refused. The per-key counts live in one SQLite
-  file that every worker charges. SIGTERM (or Ctrl-C) stops accepting connections, finishes the
+  would replay one stream in every worker and is refused; a keyed wrapper (`noise="keyed"`)
+  travels with its key, so every worker gives an image the same answer. The per-key counts live
+  in one SQLite file that every worker charges. A query detector travels as a
+  [DetectorSpec][randfeat.serve.guard.DetectorSpec] on a shared store: each worker builds its own,
+  adopts the secret key the store holds and uses the calibrated threshold, so a query seen by
+  one worker is matched by every other. SIGTERM (or Ctrl-C) stops accepting connections, finishes the
   requests in flight (for up to `graceful_timeout` seconds) and exits.
 * [serve_in_thread][randfeat.serve.run.serve_in_thread] runs an application on a free port of
   127.0.0.1 in a background thread, for tests, notebooks, benchmarks and `randfeat demo --serve`.
@@ -35,9 +39,11 @@ import uvicorn
 from fastapi import FastAPI
 from torch import Tensor
 
-from randfeat.checks import check_positive_int
+from randfeat.checks import check_positive_int, expected
+from randfeat.detect import Detector
 from randfeat.serve.app import create_app
 from randfeat.serve.config import ModelCard, ServeOptions
+from randfeat.serve.guard import DetectorSpec
 from randfeat.wrapper import RandomizedFeatureWrapper
 
 __all__ = ["BUNDLE_ENV", "run_server", "serve_in_thread", "worker_app"]
@@ -100,7 +106,28 @@ def worker_app() -> FastAPI:
     model = bundle["model"]
     if isinstance(model, torch.nn.Module):
         model = model.to(bundle["options"].device)
-    return create_app(model, bundle["card"], bundle["options"])
+    spec: DetectorSpec | None = bundle.get("detector")
+    card: ModelCard = bundle["card"]
+    detector = spec.build(card.input_shape) if spec is not None else None
+    return create_app(model, card, bundle["options"], detector=detector)
+
+
+def _check_detector(detector: object, workers: int) -> None:
+    if detector is None or isinstance(detector, (Detector, DetectorSpec)):
+        if workers > 1 and isinstance(detector, Detector):
+            raise TypeError(
+                f"Expected a DetectorSpec for --workers {workers}, but got a built detector: "
+                "each worker builds its own from the spec, on a shared store. Pass "
+                "DetectorSpec(name, store='sqlite:PATH', threshold=det.threshold)."
+            )
+        if workers > 1 and isinstance(detector, DetectorSpec) and detector.store == "memory":
+            raise ValueError(
+                f"Expected a shared detector store for --workers {workers}, but got 'memory': "
+                "each worker would keep its own queries and miss those sent to another. Use "
+                "store='sqlite:PATH' (one machine) or 'redis://HOST:PORT/DB'."
+            )
+        return
+    raise TypeError(expected("detector", "a Detector, a DetectorSpec or None", detector))
 
 
 def run_server(
@@ -113,6 +140,7 @@ def run_server(
     workers: int = 1,
     log_level: str = "info",
     graceful_timeout: int = 30,
+    detector: Detector | DetectorSpec | None = None,
 ) -> None:
     """Serve `model` with uvicorn until SIGTERM or Ctrl-C.
 
@@ -126,13 +154,19 @@ def run_server(
         workers: server processes; each draws its own noise.
         log_level: `"debug"`, `"info"`, `"warning"` or `"error"`.
         graceful_timeout: seconds to finish in-flight requests after SIGTERM.
+        detector: query detection (see [create_app][randfeat.serve.app.create_app]): a built
+            detector for one worker, or a [DetectorSpec][randfeat.serve.guard.DetectorSpec] on
+            a shared store (`sqlite:`, `redis://`) that every worker builds alike.
 
     Raises:
-        ValueError: `workers < 1`, or a seeded wrapper with `workers > 1`.
+        ValueError: `workers < 1`, a seeded wrapper with `workers > 1`, or a detector on a
+            `memory` store with `workers > 1`.
+        TypeError: a built detector with `workers > 1`.
     """
     check_positive_int(workers, "workers")
     opts = options or ServeOptions()
     _check_seeds(model, workers)
+    _check_detector(detector, workers)
     common: dict[str, Any] = {
         "host": host,
         "port": port,
@@ -142,15 +176,17 @@ def run_server(
         "timeout_graceful_shutdown": math.ceil(graceful_timeout),
     }
     if workers == 1:
+        det = detector.build(card.input_shape) if isinstance(detector, DetectorSpec) else detector
         with _exit_quietly_on_sigterm():
-            uvicorn.run(create_app(model, card, opts), **common)
+            uvicorn.run(create_app(model, card, opts, detector=det), **common)
         return
     tmp = tempfile.mkdtemp(prefix="randfeat-serve-")  # mode 0700: only this user reads it
     try:
         if opts.usage_db is None:  # the workers must share one ledger
             opts = replace(opts, usage_db=str(Path(tmp) / "usage.sqlite"))
         bundle = Path(tmp) / "bundle.pt"
-        torch.save({"model": model, "card": card, "options": opts}, bundle)
+        # the bundle holds the model (a keyed wrapper's key with it): a secret, in a 0700 dir
+        torch.save({"model": model, "card": card, "options": opts, "detector": detector}, bundle)
         os.environ[BUNDLE_ENV] = str(bundle)
         uvicorn.run(
             "randfeat.serve.run:worker_app",

@@ -34,7 +34,8 @@ def test_the_registry_names_every_attack_once() -> None:
     base = ["square", "nes", "signhunter"]
     names = [f"{a}-{n}" for a in base for n in ("linf", "l2")] + ["rays", "signflip"]
     names += ["hsja-linf", "hsja-l2"]
-    assert list(ATTACKS) == [*names, *(f"eot-{n}" for n in names)]
+    adaptive = ["adaptive-square-linf", "adaptive-square-l2"]
+    assert list(ATTACKS) == [*names, *(f"eot-{n}" for n in names), *adaptive]
     for name, factory in ATTACKS.items():
         assert factory.name == name
         attack = factory(EPS[factory.norm], eot_m=3)
@@ -63,7 +64,10 @@ def test_the_registry_is_read_only() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("name", list(ATTACKS))
+@pytest.mark.parametrize(
+    "name",  # the adaptive attacks send one image a call: seconds each, slow tier
+    [pytest.param(n, marks=pytest.mark.slow) if n.startswith("adaptive-") else n for n in ATTACKS],
+)
 def test_every_attack_keeps_the_contract(
     name: str, dtype: torch.dtype, digits: Digits, digits_model: nn.Module
 ) -> None:
@@ -146,4 +150,5 @@ def test_the_documented_table_is_the_registry() -> None:
     ]
     assert rows[:-1] == want
     assert rows[-1][0] == "`eot-<name>`"
-    assert {f.name for f in ATTACKS.values() if f.eot} == {f"eot-{w[0][1:-1]}" for w in want}
+    bases = [w[0][1:-1] for w in want if not w[0].startswith("`adaptive-")]  # no EOT of those
+    assert {f.name for f in ATTACKS.values() if f.eot} == {f"eot-{b}" for b in bases}

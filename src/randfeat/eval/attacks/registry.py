@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 
+from randfeat.eval.attacks.adaptive import AdaptiveSquare
 from randfeat.eval.attacks.base import Attack
 from randfeat.eval.attacks.eot import EOT
 from randfeat.eval.attacks.hsja import HopSkipJump
@@ -89,7 +90,28 @@ _EOT = tuple(
     AttackFactory(f"eot-{f.name}", f.family, f.norm, f.output, f.build, eot=True) for f in _BASE
 )
 
-ATTACKS: Mapping[str, AttackFactory] = MappingProxyType({f.name: f for f in (*_BASE, *_EOT)})
+# The adaptive attacker against stateful detection (Feng et al., CCS 2023): rejections as a signal.
+_ADAPTIVE = (
+    AttackFactory(
+        "adaptive-square-linf",
+        "Adaptive Square",
+        "linf",
+        "scores",
+        lambda eps: AdaptiveSquare(eps, "linf"),
+    ),
+    AttackFactory(
+        "adaptive-square-l2",
+        "Adaptive Square",
+        "l2",
+        "scores",
+        lambda eps: AdaptiveSquare(eps, "l2"),
+    ),
+)
+
+ATTACKS: Mapping[str, AttackFactory] = MappingProxyType(
+    {f.name: f for f in (*_BASE, *_EOT, *_ADAPTIVE)}
+)
 """Every attack `randfeat eval --attacks` accepts, by name: `square-linf`, `square-l2`,
 `nes-linf`, `nes-l2`, `signhunter-linf`, `signhunter-l2`, `rays`, `signflip`, `hsja-linf`,
-`hsja-l2`, and `eot-<name>` for each (the adaptive attack of section 4.5, `--eot-m` forwards a query)."""
+`hsja-l2`, `eot-<name>` for each (the adaptive attack of section 4.5, `--eot-m` forwards a query),
+and `adaptive-square-linf`, `adaptive-square-l2` (Feng et al.'s attacker against detection)."""

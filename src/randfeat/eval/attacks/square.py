@@ -26,6 +26,7 @@ __all__ = [
     "meta_pseudo_gaussian",
     "p_selection",
     "pseudo_gaussian_rectangle",
+    "shifted_corner",
     "side_length",
 ]
 
@@ -155,7 +156,7 @@ def _signs(shape: tuple[int, ...], gen: torch.Generator) -> Tensor:
     return torch.randint(0, 2, shape, generator=gen, device=gen.device) * 2 - 1
 
 
-def _corner(x0: Tensor, shift: float) -> Tensor:
+def shifted_corner(x0: Tensor, shift: float) -> Tensor:
     """`clip(x0 + shift, 0, 1)` in `x0`'s dtype, within `|shift|` of `x0` in float64.
 
     Computed in float64 and rounded to the dtype; an entry that rounding pushed past `|shift|`
@@ -267,7 +268,7 @@ class Square(OracleAttack):
         n, _, h, w = x0.shape
         if self.norm == "linf":
             # Pixel values of a coordinate set to x0 ± ε (clipped to [0, 1], exact).
-            x_plus, x_minus = _corner(x0, self.eps), _corner(x0, -self.eps)
+            x_plus, x_minus = shifted_corner(x0, self.eps), shifted_corner(x0, -self.eps)
             x_best = self._init_linf(x_plus, x_minus, generator)
         else:
             x_plus = x_minus = x0  # unused by the ℓ2 update
