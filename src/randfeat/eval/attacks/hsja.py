@@ -10,11 +10,8 @@ $\\phi(x) = 1$ when the model misclassifies `x`, $-1$ otherwise. From a misclass
    $\\gamma / d^2$ in ℓ∞, $d = C \\cdot H \\cdot W$);
 2. *gradient-direction estimate* at $x_t$ (Monte Carlo, with a baseline): with $B$ probes $u_b$ (Gaussian for ℓ2,
    uniform in $[-1, 1]^d$ for ℓ∞, each normalised to unit ℓ2 length),
-   $$
-   \\widetilde{\\nabla S}(x_t, \\delta) = \\frac{1}{B} \\sum_b
-   \\bigl(\\phi(x_t + \\delta u_b) - \\bar\\phi\\bigr)\\, u_b,
-   \\qquad \\bar\\phi = \\frac{1}{B} \\sum_b \\phi(x_t + \\delta u_b),
-   $$
+   $\\widetilde{\\nabla S}(x_t, \\delta) = \\frac{1}{B} \\sum_b (\\phi(x_t + \\delta u_b) - \\bar\\phi)\\, u_b$
+   with $\\bar\\phi = \\frac{1}{B} \\sum_b \\phi(x_t + \\delta u_b)$,
    the *baseline subtraction* $\\bar\\phi$ that reduces the variance of the estimate; with
    $B_t = B_0 \\sqrt{t}$ probes at iteration $t$ (capped) and a probe radius $\\delta_t$ tied to
    the distance;
