@@ -26,6 +26,7 @@ def _observe_in_child(spec: str, seed: int, account: str, rows: int) -> list[int
     return [int(i) for i in v.ids.tolist()] + [int(v.flagged.sum())]
 
 
+@pytest.mark.slow
 def test_sqlite_is_shared_by_processes(tmp_path: Path) -> None:
     spec = f"sqlite:{tmp_path / 'shared.db'}"
     parent = DETECTORS[DEFAULT](store=spec)  # the first bound: its OS-entropy key is stored

@@ -92,6 +92,7 @@ def _searched(caplog: pytest.LogCaptureFixture, model: Model, **kw: object) -> t
     return int(found[-1][0]), int(found[-1][1])
 
 
+@pytest.mark.slow
 def test_the_searches_move_up_only_when_probes_are_refused(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -110,6 +111,7 @@ def _guarded(
     return Guarded(net, det, on_detect=on_detect)  # type: ignore[arg-type]
 
 
+@pytest.mark.slow
 def test_the_oracle_contract_holds_against_a_detector(
     digits: Digits, digits_model: nn.Module
 ) -> None:
