@@ -54,7 +54,7 @@ class DetectorOptions(TypedDict, total=False):
     store: str | Store
     capacity: int
     ttl: float | None
-    posting_cap: int
+    posting_cap: int | None
     seed: int | None
     shape: Sequence[int] | None
     clock: Callable[[], float]
@@ -74,7 +74,8 @@ class Detector(ABC):
         capacity: most queries stored; the oldest is evicted first.
         ttl: seconds a stored query is kept (`None`: until evicted by `capacity`).
         posting_cap: most stored queries per key kept in the index (the newest), which bounds
-            the cost of a lookup to `K · posting_cap` entries.
+            the cost of a lookup to `K · posting_cap` entries (`None`: the detector's default,
+            8 for `pooled-linf`, 16 for `blacklight`).
         seed: `None` (default) draws the secret key from OS entropy; an int gives a fixed key
             (tests, reproducible benchmarks). A shared store keeps the first key it sees and
             later detectors without a seed adopt it.
@@ -88,6 +89,7 @@ class Detector(ABC):
 
     name: ClassVar[str]
     default_threshold: ClassVar[float]
+    default_posting_cap: ClassVar[int] = 16
 
     def __init__(
         self,
@@ -96,7 +98,7 @@ class Detector(ABC):
         store: str | Store = "memory",
         capacity: int = 1_000_000,
         ttl: float | None = None,
-        posting_cap: int = 16,
+        posting_cap: int | None = None,
         seed: int | None = None,
         shape: Sequence[int] | None = None,
         clock: Callable[[], float] = time.time,
@@ -106,7 +108,8 @@ class Detector(ABC):
         )
         self.capacity = check_int(capacity, "capacity", low=1, high=2**38)
         self.ttl = check_optional(check_positive_float, ttl, "ttl")
-        self.posting_cap = check_int(posting_cap, "posting_cap", low=1, high=4096)
+        cap = self.default_posting_cap if posting_cap is None else posting_cap
+        self.posting_cap = check_int(cap, "posting_cap", low=1, high=4096)
         if not callable(clock):
             raise TypeError(expected("clock", "a callable returning seconds", clock))
         self._clock = clock

@@ -22,7 +22,8 @@ hashing (Datar, Immorlica, Indyk, Mirrokni, SoCG 2004) of the pooled image: key 
 $a_{ti} \\sim N(0, I / D)$ and $b_{ti} \\sim U[0, w)$. Two queries whose pooled images are
 close share each key with a probability that falls with their distance, so the queries of one
 attack share keys with each other; the stored queries sharing a key (each key's newest
-`posting_cap`) are the candidates, and the score is computed exactly on them.
+`posting_cap`, 8 by default) are the candidates, at most $16 \\times 8 = 128$ a query, and the
+score is computed exactly on them.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ class PooledLinf(Detector):
 
     name = "pooled-linf"
     default_threshold = 0.87
+    default_posting_cap = 8
 
     def __init__(
         self,
@@ -153,7 +155,8 @@ class PooledLinf(Detector):
         row, seq = pairs >> _SEQ_BITS, pairs & _SEQ_MASK
         seqs = found.seqs.to(dev)
         pos = torch.searchsorted(seqs, seq)
-        sim = linf_similarity(payload[row], found.payload.to(dev)[pos])
+        cand = found.payload.to(dev).index_select(0, pos)  # index_select: faster than [pos]
+        sim = linf_similarity(payload.index_select(0, row), cand)
         best = torch.full((n,), -1, dtype=torch.long, device=dev)
         best.scatter_reduce_(0, row, (sim << _SEQ_BITS) | pos, "amax")
         score = torch.where(best >= 0, (best >> _SEQ_BITS).float() / 255, 0.0)
@@ -164,7 +167,7 @@ class PooledLinf(Detector):
         if n == 1:  # no earlier row
             return torch.zeros(1, device=dev), torch.full((1,), -1, device=dev)
         row, other, _ = shared_pairs(keys)
-        sim = linf_similarity(payload[row], payload[other])
+        sim = linf_similarity(payload.index_select(0, row), payload.index_select(0, other))
         best = torch.full((n,), -1, dtype=torch.long, device=dev)
         best.scatter_reduce_(0, row, (sim << _SEQ_BITS) | other, "amax")
         score = torch.where(best >= 0, (best >> _SEQ_BITS).float() / 255, 0.0)
