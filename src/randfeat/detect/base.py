@@ -355,7 +355,10 @@ class Detector(ABC):
 
     def _private_twin(self, n: int) -> Detector:
         """This detector (same key, settings, prepared tensors) on a fresh memory store."""
-        assert self._shape is not None
+        if self._shape is None:
+            raise RuntimeError(
+                "The detector has no image shape yet: observe or calibrate a batch first."
+            )
         twin = copy.copy(self)
         twin.capacity, twin.ttl = max(n, 1), None
         twin._store = MemoryStore()

@@ -293,9 +293,8 @@ def _check_range(value: object, name: str) -> tuple[int, int | None]:
         and value[0] >= 1
         and (value[1] is None or value[1] >= value[0])
     )
-    if not ok:
+    if not ok or not isinstance(value, tuple):  # the second test narrows the type for mypy
         raise ValueError(expected(name, "a pair (low, high) of ints with 1 <= low <= high", value))
-    assert isinstance(value, tuple)
     return (int(value[0]), None if value[1] is None else int(value[1]))
 
 
