@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 
 import randfeat
 from randfeat.eval.attacks.base import linf_bounds, project
-from randfeat.eval.oracle import AttackResult, Oracle, count_wrong, distance, fooled, rejudge
+from randfeat.eval.oracle import Oracle, count_wrong, distance, fooled, rejudge
+from randfeat.eval.outcome import AttackResult
 from randfeat.eval.results.records import CleanRow
 from randfeat.losses import margin_loss as margin
 

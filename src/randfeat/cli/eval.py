@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from randfeat.cli.command import Command, UsageError, logging_to_stderr
+from randfeat.detect import DEFAULT, DETECTORS
 from randfeat.eval.attacks.registry import ATTACKS
 from randfeat.eval.data.registry import DATA_SETS, DataSpec
 from randfeat.eval.errors import ConfigError
@@ -22,6 +23,7 @@ from randfeat.eval.forward import DTYPES
 from randfeat.eval.grid.config import DEFENSE_KINDS, EvalConfig
 from randfeat.eval.grid.presets import PAPER_ATTACKS, PRESETS
 from randfeat.eval.grid.runner import run_eval
+from randfeat.eval.guarded import ON_DETECT
 from randfeat.eval.models.sources import MODEL_SOURCES
 
 __all__ = ["API_KEY_ENV", "COMMAND", "settings"]
@@ -125,6 +127,34 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         metavar="N",
         help="forwards to re-judge each point (default 50)",
+    )
+    d = p.add_argument_group("query detection in front of the model (docs/detection.md)")
+    d.add_argument(
+        "--detect",
+        nargs="?",
+        const=DEFAULT,
+        metavar="NAME",
+        help=f"a stateful detector in front of every defense, in process: {', '.join(DETECTORS)} "
+        f"(NAME omitted: {DEFAULT}); each image is attacked on its own behind it",
+    )
+    d.add_argument(
+        "--detect-fpr",
+        type=float,
+        metavar="F",
+        help="benign false-positive rate the threshold is calibrated to (default 0.001)",
+    )
+    d.add_argument(
+        "--on-detect",
+        choices=list(ON_DETECT),
+        default=S,
+        help="a flagged query: reject (default), ban the key after --ban-after flags, or log",
+    )
+    d.add_argument("--ban-after", type=int, metavar="N", help="flags before a ban (default 10)")
+    d.add_argument(
+        "--accounts",
+        type=int,
+        metavar="K",
+        help="API keys the attacker spreads its queries over (sybil; default 1)",
     )
     r = p.add_argument_group("run")
     r.add_argument("--batch-size", type=int, metavar="N", help="images per chunk (default 100)")

@@ -2,7 +2,7 @@
 
 The names a user needs, in one place:
 
-- [Oracle][randfeat.eval.oracle.Oracle], [AttackResult][randfeat.eval.oracle.AttackResult],
+- [Oracle][randfeat.eval.oracle.Oracle], [AttackResult][randfeat.eval.outcome.AttackResult],
   [rejudge][randfeat.eval.oracle.rejudge]: the attacks' only door to a model, what an attack
   returns, and the judging rule applied afresh.
 - [Attack][randfeat.eval.attacks.base.Attack] and
@@ -29,16 +29,16 @@ if TYPE_CHECKING:
     from randfeat.eval.errors import ConfigError as ConfigError
     from randfeat.eval.grid.config import EvalConfig as EvalConfig
     from randfeat.eval.grid.runner import run_eval as run_eval
-    from randfeat.eval.oracle import AttackResult as AttackResult
     from randfeat.eval.oracle import Oracle as Oracle
     from randfeat.eval.oracle import rejudge as rejudge
+    from randfeat.eval.outcome import AttackResult as AttackResult
     from randfeat.eval.report.summary import summarize as summarize
     from randfeat.eval.results.file import read_results as read_results
 
 _HOMES = {
     "ATTACKS": "randfeat.eval.attacks.registry",
     "Attack": "randfeat.eval.attacks.base",
-    "AttackResult": "randfeat.eval.oracle",
+    "AttackResult": "randfeat.eval.outcome",
     "ConfigError": "randfeat.eval.errors",
     "EvalConfig": "randfeat.eval.grid.config",
     "Oracle": "randfeat.eval.oracle",

@@ -23,6 +23,13 @@ backgrounds) is told apart from a flag caused by the attack's own earlier querie
 traffic is observed under its own account and tag (`preload(x, tag="benign")`), and
 [GuardStats][randfeat.eval.guarded.GuardStats] counts the flags by the source of the closest
 earlier query.
+
+**Sybil attacker.** `Guarded(..., accounts=K)` spreads the calls over `K` API keys
+(`attacker-0`, ..., `attacker-{K-1}`) round-robin: per-key state (the ban after `ban_after`
+flagged rows, per-key counts) sees a `K`-th of the stream, while the detector's one index sees
+all of it. A banned key leaves the rotation (the attacker reads the ban off the server's count);
+[KeyBanned][randfeat.eval.guarded.KeyBanned] comes only when every key is banned. A flag whose
+closest earlier query came from any of the `K` keys is the attacker's own.
 """
 
 from __future__ import annotations
@@ -137,11 +144,14 @@ class Guarded:
         account: the account every call is observed for (the attacker's API key).
         tag: stored with every row of the account (`None`: untagged); a flag whose closest
             earlier query has this tag is counted as the account's own.
+        accounts: API keys the calls are spread over, round-robin (`>= 1`; see the module
+            docstring): `account` itself when 1, else `f"{account}-{k}"` for `k < accounts`.
 
     Raises:
         TypeError: `model` not callable, `detector` not a Detector, `account` / `tag` not
             strings.
-        ValueError: an unknown `on_detect`, `ban_after < 1`, an empty `account`.
+        ValueError: an unknown `on_detect`, `ban_after < 1`, an empty `account`,
+            `accounts < 1`.
 
     Examples:
         >>> import torch
@@ -168,6 +178,7 @@ class Guarded:
         ban_after: int = 10,
         account: str = "attacker",
         tag: str | None = None,
+        accounts: int = 1,
     ) -> None:
         if not callable(model):
             raise TypeError(expected("model", "a callable from images to scores", model))
@@ -180,14 +191,21 @@ class Guarded:
         self.ban_after = check_positive_int(ban_after, "ban_after")
         self.account = _check_name(account, "account")
         self.tag = None if tag is None else _check_name(tag, "tag")
+        self.accounts = check_positive_int(accounts, "accounts")
+        self.keys: tuple[str, ...] = (
+            (self.account,) if accounts == 1 else tuple(f"{account}-{k}" for k in range(accounts))
+        )
+        self._turn = 0  # the next key in turn
         self.module = model  # `module`: what `independent_votes` looks through
+        self.unguarded = model  # the evaluator's own forwards bypass the detector (`uncharged`)
         self.detector = detector
         self.reset_stats()
 
     def __repr__(self) -> str:
         return (
             f"Guarded({self.module!r}, {self.detector!r}, on_detect={self.on_detect!r}, "
-            f"ban_after={self.ban_after}, account={self.account!r})"
+            f"ban_after={self.ban_after}, account={self.account!r}"
+            + (f", accounts={self.accounts})" if self.accounts > 1 else ")")
         )
 
     @property
@@ -223,11 +241,11 @@ class Guarded:
             ValueError: `account` is the guarded account (its flags would count as its own).
         """
         account = _check_name(account, "account")
-        if account == self.account:
+        if account == self.account or account in self.keys:
             raise ValueError(
                 expected(
                     "account",
-                    f"an account other than the guarded one ({self.account!r})",
+                    f"an account other than the guarded ones ({self.account!r}, {self.keys!r})",
                     account,
                     "Preload benign traffic under its own account.",
                 )
@@ -240,25 +258,21 @@ class Guarded:
 
         Raises:
             QueryFlagged: `reject` or `ban`, and a row of `x` was flagged.
-            KeyBanned: `ban`, and the account already had `ban_after` flagged rows.
+            KeyBanned: `ban`, and the account (every one of its keys) already had `ban_after`
+                flagged rows.
         """
         n = int(x.shape[0])
         self._calls += 1
-        if self.on_detect == "ban":
-            before = self.detector.counts(self.account).flagged
-            if before >= self.ban_after:
-                self._refuse(n)
-                raise KeyBanned(self.account, before, n)
-        verdict = self.detector.observe(x, self.account, tag=self.tag)
+        key = self._next_key(n)
+        verdict = self.detector.observe(x, key, tag=self.tag)
         flags: list[bool] = verdict.flagged.tolist()  # one host sync per call
         rows = tuple(r for r, f in enumerate(flags) if f)
         if rows:
             if self._first_flag < 0:
                 self._first_flag = self._queries + rows[0] + 1
-            same: list[bool] = verdict.same_account.tolist()
             for r in rows:
                 tag, account = verdict.match_tag[r], verdict.match_account[r]
-                if same[r] and tag == self.tag:
+                if account in self.keys and tag == self.tag:
                     self._sources[OWN] += 1
                 else:
                     self._sources[tag if tag is not None else (account or "unknown")] += 1
@@ -267,6 +281,23 @@ class Guarded:
             self._refuse(n)
             raise QueryFlagged(rows, n)
         return self.module(x)
+
+    def _next_key(self, n: int) -> str:
+        """The key of this call: the next one in turn that is not banned (`ban`)."""
+        k = len(self.keys)
+        if self.on_detect != "ban":
+            self._turn += 1
+            return self.keys[(self._turn - 1) % k]
+        every = self.detector.accounts()  # one read of the counts; a banned key is skipped
+        flags = [every[key].flagged if key in every else 0 for key in self.keys]
+        for step in range(k):
+            i = (self._turn + step) % k
+            if flags[i] < self.ban_after:
+                self._turn = i + 1
+                return self.keys[i]
+        flagged = sum(flags)
+        self._refuse(n)
+        raise KeyBanned(self.account if self.accounts == 1 else f"{self.account}-*", flagged, n)
 
     def _refuse(self, n: int) -> None:
         self._rejected += n

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Literal, overload
 
 import torch
@@ -34,6 +33,7 @@ from torch import Tensor
 from randfeat.batches import repeated_rows
 from randfeat.checks import check_choice, check_optional, check_positive_int
 from randfeat.eval.errors import QueryRefused
+from randfeat.eval.outcome import AttackResult
 from randfeat.outputs import logits_of
 
 Norm = Literal["linf", "l2"]
@@ -41,7 +41,6 @@ Output = Literal["scores", "labels"]
 Model = Callable[[Tensor], Tensor]
 
 __all__ = [
-    "AttackResult",
     "Model",
     "Norm",
     "Oracle",
@@ -51,7 +50,7 @@ __all__ = [
     "fooled",
     "independent_votes",
     "rejudge",
-    "robust_accuracy_curve",
+    "uncharged",
 ]
 
 
@@ -101,6 +100,17 @@ def independent_votes(model: object, votes: int) -> int:
     return votes
 
 
+def uncharged(model: Model) -> Model:
+    """The model the evaluator's own forwards go to: the D.4 verification of an apparent success
+    and [rejudge][randfeat.eval.oracle.rejudge] are measurements, not the attacker's queries, so a
+    model behind a stateful detector ([Guarded][randfeat.eval.guarded.Guarded]) names what it
+    guards as `unguarded`, and these forwards bypass the detector (which sees the attacker's
+    queries only: nine repeats of a point would otherwise be refused as duplicates). Any other
+    model is its own."""
+    inner = getattr(model, "unguarded", None)
+    return inner if callable(inner) else model
+
+
 def count_wrong(
     model: Model, x: Tensor, y: Tensor, *, votes: int, batch_size: int | None = None
 ) -> Tensor:
@@ -117,6 +127,7 @@ def count_wrong(
         ValueError: `votes < 1` (or TypeError on a wrong type).
     """
     check_positive_int(votes, "votes")
+    model = uncharged(model)
     n = x.shape[0]
     k = independent_votes(model, votes)
     pred = _predict_repeated(model, x, k, batch_size or max(1, n * k))
@@ -141,56 +152,6 @@ def _predict_repeated(model: Model, x: Tensor, times: int, batch_size: int) -> T
             out = logits_of(model(rows))
             preds.append(out if out.ndim == 1 else out.argmax(dim=1))
     return torch.cat(preds)
-
-
-@dataclass(frozen=True)
-class AttackResult:
-    """What an attack returns, per sample of the attacked batch of `N` images.
-
-    Attributes:
-        x_adv: `[N, C, H, W]`, inside the ε-ball and `[0, 1]`, in the input dtype: the verified
-            adversarial point where `success`, else the attack's last iterate.
-        success: `[N]` bool, verified success by the majority of `votes` forwards.
-        queries: `[N]` int64, queries spent until verified success, or all that were spent.
-        success_query: `[N]` int64, the query count at the first verified success, `-1` if none.
-        verify_forwards: `[N]` int64, the uncharged verification forwards (D.4) spent.
-        budget: the query budget per sample.
-        votes: the number of verification votes.
-    """
-
-    x_adv: Tensor
-    success: Tensor
-    queries: Tensor
-    success_query: Tensor
-    verify_forwards: Tensor
-    budget: int
-    votes: int
-
-    def robust_accuracy(self, queries: int | None = None) -> float:
-        """Fraction of samples not fooled within `queries` (default: the budget)."""
-        q = torch.tensor([self.budget if queries is None else queries])
-        return float(robust_accuracy_curve(self.success, self.success_query, q)[0])
-
-    def robust_curve(self, queries: Tensor) -> Tensor:
-        """Robust accuracy at each query count in `queries` (`[Q]`), from this single run."""
-        return robust_accuracy_curve(self.success, self.success_query, queries)
-
-
-def robust_accuracy_curve(success: Tensor, success_query: Tensor, queries: Tensor) -> Tensor:
-    """Robust accuracy at each query count: $RA(q) = 1 - P[\text{success} \\wedge
-    \text{success\\_query} \\le q]$, float64 `[Q]`.
-
-    One run gives the whole curve: a sample fooled at query $s$ is fooled for every budget
-    $q \\ge s$ (the attacks do not depend on the budget beyond stopping at it).
-
-    Args:
-        success: `[N]` bool, verified success per sample.
-        success_query: `[N]` int64, the query count at the first verified success.
-        queries: `[Q]` query counts.
-    """
-    q = queries.to(success_query.device).reshape(-1, 1)
-    fooled = success.unsqueeze(0) & (success_query.unsqueeze(0) <= q)
-    return 1.0 - fooled.double().mean(dim=1)
 
 
 class Oracle:
@@ -236,6 +197,8 @@ class Oracle:
         check_positive_int(samples, "samples")
         output = check_choice(output, "output", ("scores", "labels"))
         self._model = model
+        self._judge = uncharged(model)
+        self.refused: QueryRefused | None = None
         self.x0 = x
         self.y = y
         self.budget = int(budget)
@@ -323,6 +286,13 @@ class Oracle:
                 )
         return out.float().to(x.device)
 
+    def _judged(self, x: Tensor) -> Tensor:
+        """One uncharged forward of every row, on the evaluator's side (`uncharged`)."""
+        if self._judge is self._model:
+            return self._raw(x)
+        out = _forward(self._judge, x, self.batch_size)
+        return out.long().to(x.device) if out.ndim == 1 else out.float().to(x.device)
+
     def _predict(self, out: Tensor) -> Tensor:
         return out if out.ndim == 1 else out.argmax(dim=1)
 
@@ -351,8 +321,11 @@ class Oracle:
             raise RuntimeError("attack bug: queried a point outside [0, 1]")
         try:
             out = self._answer(x)
-        except QueryRefused:  # sent, not answered: the attacker pays for the rows all the same
+        except (
+            QueryRefused
+        ) as err:  # sent, not answered: the attacker pays for the rows all the same
             self.queries = new_queries
+            self.refused = err
             raise
         self.queries = new_queries
         self._check_success(x, idx, self._predict(out))
@@ -388,7 +361,7 @@ class Oracle:
         else:
             votes = torch.cat(
                 [
-                    self._predict(self._raw(rows))
+                    self._predict(self._judged(rows))
                     for rows in repeated_rows(pts, self.votes, self.batch_size)
                 ]
             )
@@ -413,6 +386,7 @@ class Oracle:
             verify_forwards=self.verify_forwards.clone(),
             budget=self.budget,
             votes=self.votes,
+            refused=self.refused is not None,
         )
 
 
@@ -436,6 +410,7 @@ def rejudge(
     """
     check_positive_int(forwards, "forwards")
     check_positive_int(votes, "votes")
+    model = uncharged(model)
     n, forwards = x_adv.shape[0], independent_votes(model, forwards)  # keyed noise: one answer
     pred = _predict_repeated(model, x_adv, forwards, batch_size or max(1, n * 10))
     p = (pred != y.to(pred.device).repeat_interleave(forwards)).view(n, forwards).double().mean(1)

@@ -266,6 +266,15 @@ class HTTPModel:
         out = out.long() if out.ndim == 1 else out.float()
         return out.to(x.device)
 
+    @property
+    def noise(self) -> str | None:
+        """`"keyed"` when the server's noise is a function of its key and the image (nine
+        forwards of one point are one answer: [independent_votes][randfeat.eval.oracle.independent_votes]),
+        `"fresh"` for another defended server, `None` for an undefended one (from `/v1/info`)."""
+        if self.info.keyed_noise:
+            return "keyed"
+        return "fresh" if self.info.defended else None
+
     def close(self) -> None:
         """Close the connection."""
         self._client.close()

@@ -18,7 +18,8 @@ from randfeat.eval.attacks.square import Square
 from randfeat.eval.data.loaders import Digits
 from randfeat.eval.errors import QueryRefused
 from randfeat.eval.guarded import Guarded, KeyBanned
-from randfeat.eval.oracle import AttackResult, Model, Oracle, distance
+from randfeat.eval.oracle import Model, Oracle, distance
+from randfeat.eval.outcome import AttackResult
 
 
 class _Refusing:

@@ -11,7 +11,8 @@ from torch import Tensor, nn
 from randfeat.eval.attacks.base import Attack
 from randfeat.eval.attacks.eot import EOT
 from randfeat.eval.attacks.signhunter import SignHunter
-from randfeat.eval.oracle import AttackResult, distance
+from randfeat.eval.oracle import distance
+from randfeat.eval.outcome import AttackResult
 
 FIELDS = ("x_adv", "success", "queries", "success_query", "verify_forwards")
 

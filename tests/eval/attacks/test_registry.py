@@ -34,8 +34,9 @@ def test_the_registry_names_every_attack_once() -> None:
     base = ["square", "nes", "signhunter"]
     names = [f"{a}-{n}" for a in base for n in ("linf", "l2")] + ["rays", "signflip"]
     names += ["hsja-linf", "hsja-l2"]
-    adaptive = ["adaptive-square-linf", "adaptive-square-l2"]
-    assert list(ATTACKS) == [*names, *(f"eot-{n}" for n in names), *adaptive]
+    adaptive = [f"adaptive-{a}-{n}" for a in ("square", "nes", "hsja") for n in ("linf", "l2")]
+    persistent = [f"{w}-{n}" for w in ("jitter-eot", "resubmit") for n in names]
+    assert list(ATTACKS) == [*names, *(f"eot-{n}" for n in names), *adaptive, *persistent]
     for name, factory in ATTACKS.items():
         assert factory.name == name
         attack = factory(EPS[factory.norm], eot_m=3)
@@ -65,8 +66,11 @@ def test_the_registry_is_read_only() -> None:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(
-    "name",  # the adaptive attacks send one image a call: seconds each, slow tier
-    [pytest.param(n, marks=pytest.mark.slow) if n.startswith("adaptive-") else n for n in ATTACKS],
+    "name",  # adaptive and jitter-EOT attacks send one image a call: seconds each, slow tier
+    [
+        pytest.param(n, marks=pytest.mark.slow) if n.startswith(("adaptive-", "jitter-eot-")) else n
+        for n in ATTACKS
+    ],
 )
 def test_every_attack_keeps_the_contract(
     name: str, dtype: torch.dtype, digits: Digits, digits_model: nn.Module
@@ -146,9 +150,13 @@ def test_the_documented_table_is_the_registry() -> None:
     want = [
         [f"`{f.name}`", f"`{f.family}`", norms[f.norm], f.output]
         for f in ATTACKS.values()
-        if not f.eot
+        if not f.eot and f.wrapper is None
     ]
-    assert rows[:-1] == want
-    assert rows[-1][0] == "`eot-<name>`"
-    bases = [w[0][1:-1] for w in want if not w[0].startswith("`adaptive-")]  # no EOT of those
+    summaries = ["`eot-<name>`", "`jitter-eot-<name>`", "`resubmit-<name>`"]
+    assert rows[: -len(summaries)] == want
+    assert [r[0] for r in rows[-len(summaries) :]] == summaries
+    bases = {w[0][1:-1] for w in want if not w[0].startswith("`adaptive-")}  # none of those
     assert {f.name for f in ATTACKS.values() if f.eot} == {f"eot-{b}" for b in bases}
+    for wrapper in ("jitter-eot", "resubmit"):
+        named = {f.name for f in ATTACKS.values() if f.wrapper == wrapper}
+        assert named == {f"{wrapper}-{b}" for b in bases}

@@ -25,7 +25,8 @@ from randfeat.eval.attacks.square import (
     side_length,
 )
 from randfeat.eval.data.loaders import Digits
-from randfeat.eval.oracle import AttackResult, distance
+from randfeat.eval.oracle import distance
+from randfeat.eval.outcome import AttackResult
 from randfeat.losses import margin_loss as margin
 
 N_DIGITS = 60  # test images attacked at the full budget

@@ -22,7 +22,7 @@ from torch import nn
 from randfeat.cli import main
 from randfeat.eval.errors import ReportError, ResultFileBusy
 from randfeat.eval.lock import ExclusiveLock, lock_path
-from randfeat.eval.results.file import ResultWriter, duplicate_rows, read_results
+from randfeat.eval.results.file import FORMAT_VERSION, ResultWriter, duplicate_rows, read_results
 from randfeat.eval.results.records import AttackRow, CleanRow, Header
 
 HOLD = """
@@ -172,4 +172,14 @@ def test_format_version_1_is_refused_with_the_fix(tmp_path: Path, sample_header:
             read(path)
         msg = str(err.value)
         assert "version 1 (version 1 judged clean images by a plurality of votes" in msg
-        assert "reads 'randfeat-eval' version 2" in msg and "Rerun `randfeat eval`" in msg
+        assert f"reads 'randfeat-eval' version {FORMAT_VERSION}" in msg
+        assert "Rerun `randfeat eval`" in msg
+
+
+def test_format_version_2_is_refused_with_the_fix(tmp_path: Path, sample_header: Header) -> None:
+    """Version 2 predates query detection: refused with the fix, as every older layout is."""
+    old = {**sample_header.to_json(), "format_version": 2}
+    path = tmp_path / "v2.jsonl"
+    path.write_text(json.dumps(old) + "\n")
+    with pytest.raises(ReportError, match=r"version 2 predates query detection.*Rerun"):
+        read_results(path)

@@ -21,25 +21,20 @@ import torch
 from torch import Tensor
 
 from randfeat.checks import check_int, check_probability, expected
-from randfeat.eval.attacks.base import Attack
+from randfeat.eval.attacks.adaptive_hsja import AdaptiveHSJA
+from randfeat.eval.attacks.adaptive_nes import AdaptiveNES
+from randfeat.eval.attacks.base import Attack, project
+from randfeat.eval.attacks.hsja import HopSkipJump
+from randfeat.eval.attacks.nes import NES
 from randfeat.eval.attacks.square import Square, p_selection, shifted_corner, side_length
+from randfeat.eval.attacks.stateful import Banned, Blinding, blind, check_blinding, is_banned
 from randfeat.eval.errors import QueryRefused
 from randfeat.eval.oracle import Norm, Oracle
 from randfeat.losses import margin_loss
-from randfeat.serve.protocol import KEY_BANNED
 
 __all__ = ["ADAPTABLE", "AdaptiveSquare", "adaptive"]
 
 logger = logging.getLogger(__name__)
-
-
-def _banned(err: QueryRefused) -> bool:
-    """Whether a refusal is a ban (in process `code`, over HTTP the server's `error`)."""
-    return KEY_BANNED in (getattr(err, "code", None), getattr(err, "error", None))
-
-
-class _Banned(Exception):
-    """The account is banned: no later query can be answered."""
 
 
 class AdaptiveSquare(Square):
@@ -77,7 +72,10 @@ class AdaptiveSquare(Square):
     step retried counts as a step of the schedule, as in theirs (the loop index advances); the
     ℓ2 variant (theirs is ℓ∞ only) paints its $n_s$ squares with Square's ℓ2 update applied
     $n_s$ times; the point returned for an image not fooled is the best answered point (theirs
-    returns the clean image).
+    returns the clean image). With `blind`, each query is sent through
+    [blind][randfeat.eval.attacks.stateful.blind] and projected onto the ε-ball ∩ $[0, 1]$;
+    the attack keeps its own (unblinded) iterate, as theirs, and the point returned for an
+    image not fooled is the blinded point sent for its best step.
 
     Args:
         eps: radius ε of the threat ball.
@@ -95,6 +93,8 @@ class AdaptiveSquare(Square):
         max_attempts: sends of one step before the image is given up (`>= 1`; 1: give up at the
             first refusal, their "standard" configuration).
         search: run the two searches (else $n_s = 1$, $s_{\min} = 1$).
+        blind: query blinding: `False`, `True` (default transform) or a
+            [Blinding][randfeat.eval.attacks.stateful.Blinding].
 
     Raises:
         ValueError: a bad range, count or rate (or TypeError on a wrong type).
@@ -121,6 +121,7 @@ class AdaptiveSquare(Square):
         size_rate: float = 0.5,
         max_attempts: int = 300,
         search: bool = True,
+        blind: bool | Blinding = False,
     ) -> None:
         super().__init__(eps, norm, p_init)
         self.squares = _check_range(squares, "squares")
@@ -135,6 +136,7 @@ class AdaptiveSquare(Square):
         if not isinstance(search, bool):
             raise TypeError(expected("search", "a bool", search))
         self.search = search
+        self.blind = check_blinding(blind)
 
     # ------------------------------------------------------------------ the loop
     def _attack(self, oracle: Oracle, generator: torch.Generator) -> Tensor:
@@ -147,7 +149,7 @@ class AdaptiveSquare(Square):
         try:
             for i in range(x0.shape[0]):
                 x_last[i] = self._attack_one(oracle, i, generator)[0]
-        except _Banned:
+        except Banned:
             logger.info("AdaptiveSquare: the account is banned; the attack ends")
         return x_last
 
@@ -164,15 +166,20 @@ class AdaptiveSquare(Square):
         else:
             bounds = (x0, x0)
 
+        sent: list[Tensor] = []  # the point sent by the last `ask`
+
         def ask(x: Tensor) -> Tensor | None:
-            """Scores of `x`, or `None` when refused."""
+            """Scores of `x` (blinded if asked), or `None` when refused."""
             nonlocal left
             left -= 1
+            if self.blind is not None:
+                x = project(blind(x, self.blind, gen), x0, self.eps, self.norm)
+            sent[:] = [x]
             try:
                 return oracle.scores(x, idx)
             except QueryRefused as err:
-                if _banned(err):
-                    raise _Banned from err
+                if is_banned(err):
+                    raise Banned from err
                 return None
 
         def done() -> bool:
@@ -180,16 +187,18 @@ class AdaptiveSquare(Square):
 
         # 1. the start, redrawn while refused
         x_best, loss_best = x0, math.inf
+        kept = x0  # x_best as sent
         for _ in range(self.max_attempts):
             if done():
-                return x_best
+                return kept
             start = self._init_linf(*bounds, gen) if self.norm == "linf" else self._init_l2(x0, gen)
             out = ask(start)
             if out is not None:
                 x_best, loss_best = start, float(margin_loss(out, y)[0])
+                kept = sent[0]
                 break
         else:
-            return x_best
+            return kept
         # 2-3. the searches
         s0 = side_length(p_selection(self.p_init, 0, n_iters), h, w, self.norm)
         top = min(h, w) if self.min_size[1] is None else self.min_size[1]
@@ -232,8 +241,8 @@ class AdaptiveSquare(Square):
             attempts = 0
             loss = float(margin_loss(out, y)[0])
             if loss < loss_best:
-                x_best, loss_best = cand, loss
-        return x_best
+                x_best, loss_best, kept = cand, loss, sent[0]
+        return kept
 
     def _paint(
         self,
@@ -298,25 +307,43 @@ def _check_range(value: object, name: str) -> tuple[int, int | None]:
     return (int(value[0]), None if value[1] is None else int(value[1]))
 
 
-ADAPTABLE: tuple[type[Attack], ...] = (Square,)
+ADAPTABLE: tuple[type[Attack], ...] = (Square, NES, HopSkipJump)
 """The attacks [adaptive][randfeat.eval.attacks.adaptive.adaptive] can adapt."""
 
+_ADAPTIVE_TYPES = (AdaptiveSquare, AdaptiveNES, AdaptiveHSJA)
 
-def adaptive(attack: Attack) -> AdaptiveSquare:
+
+def adaptive(attack: Attack) -> AdaptiveSquare | AdaptiveNES | AdaptiveHSJA:
     """The adaptive version of `attack` (Feng et al.), with its radius, norm and settings.
 
+    Square keeps `p_init`; NES keeps its probes per estimate (`samples`), its step (`lr`) and
+    its probe scale (`fd_eta`, the σ used when the search is off); HopSkipJump keeps `gamma`,
+    `init_num_evals` and `max_num_evals`. An adaptive attack is returned as it is.
+
     Raises:
-        TypeError: `attack` is not an attack of `ADAPTABLE` (Square).
+        TypeError: `attack` is not an attack of `ADAPTABLE` (Square, NES, HopSkipJump).
     """
+    if isinstance(attack, _ADAPTIVE_TYPES):
+        return attack
     if type(attack) is Square:
         return AdaptiveSquare(attack.eps, attack.norm, attack.p_init)
-    if isinstance(attack, AdaptiveSquare):
-        return attack
+    if type(attack) is NES:
+        return AdaptiveNES(attack.eps, attack.norm, attack.samples, attack.lr, sigma=attack.fd_eta)
+    if type(attack) is HopSkipJump:
+        return AdaptiveHSJA(
+            attack.eps,
+            attack.norm,
+            gamma=attack.gamma,
+            init_num_evals=attack.init_num_evals,
+            max_num_evals=attack.max_num_evals,
+        )
     raise TypeError(
         expected(
             "attack",
-            "an attack the adaptive attacker can adapt: Square (square-linf, square-l2)",
+            "an attack the adaptive attacker can adapt: Square (square-linf, square-l2), NES "
+            "(nes-linf, nes-l2) or HopSkipJump (hsja-linf, hsja-l2)",
             attack,
-            "Use adaptive-square-linf or adaptive-square-l2, or the attack without adaptive-.",
+            "Use adaptive-square-linf, adaptive-square-l2, adaptive-nes-linf, adaptive-nes-l2, "
+            "adaptive-hsja-linf or adaptive-hsja-l2, or the attack without adaptive-.",
         )
     )

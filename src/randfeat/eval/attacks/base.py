@@ -23,7 +23,9 @@ from randfeat.checks import (
     check_positive_int,
     check_seed,
 )
-from randfeat.eval.oracle import AttackResult, Model, Norm, Oracle, Output, distance
+from randfeat.eval.errors import QueryRefused
+from randfeat.eval.oracle import Model, Norm, Oracle, Output, distance
+from randfeat.eval.outcome import AttackResult
 
 __all__ = [
     "Attack",
@@ -191,7 +193,7 @@ class Attack(ABC):
             samples: forwards averaged per query (EOT); each query is charged `samples`.
 
         Returns:
-            An [AttackResult][randfeat.eval.oracle.AttackResult].
+            An [AttackResult][randfeat.eval.outcome.AttackResult].
 
         Raises:
             ValueError: on bad input (or TypeError on a wrong type), before any query is spent.
@@ -235,7 +237,10 @@ class OracleAttack(Attack):
             samples=samples,
         )
         gen = make_generator(seed, x.device)
-        x_last = self._attack(oracle, gen)
+        try:
+            x_last = self._attack(oracle, gen)
+        except QueryRefused:  # the search ends where the owner refused it: what it won, it keeps
+            x_last = oracle.x0
         return oracle.result(x_last)
 
     @abstractmethod

@@ -16,7 +16,8 @@ from torch import Tensor
 
 from randfeat.checks import check_positive_int
 from randfeat.eval.attacks.base import Attack
-from randfeat.eval.oracle import AttackResult, Model
+from randfeat.eval.oracle import Model
+from randfeat.eval.outcome import AttackResult
 
 __all__ = ["EOT"]
 

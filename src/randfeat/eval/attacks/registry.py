@@ -11,12 +11,16 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Literal
 
 from randfeat.eval.attacks.adaptive import AdaptiveSquare
+from randfeat.eval.attacks.adaptive_hsja import AdaptiveHSJA
+from randfeat.eval.attacks.adaptive_nes import AdaptiveNES
 from randfeat.eval.attacks.base import Attack
 from randfeat.eval.attacks.eot import EOT
 from randfeat.eval.attacks.hsja import HopSkipJump
 from randfeat.eval.attacks.nes import NES
+from randfeat.eval.attacks.persistent import JitterEOT, Resubmit
 from randfeat.eval.attacks.rays import RayS
 from randfeat.eval.attacks.signflip import SignFlip
 from randfeat.eval.attacks.signhunter import SignHunter
@@ -46,6 +50,9 @@ class AttackFactory:
         output: what it needs from the model: `"scores"` or `"labels"`.
         build: the attack at a radius.
         eot: whether the attack is wrapped in [EOT][randfeat.eval.attacks.eot.EOT].
+        wrapper: the persistent attacker wrapping it (`"jitter-eot"`:
+            [JitterEOT][randfeat.eval.attacks.persistent.JitterEOT] with `eot_m` copies;
+            `"resubmit"`: [Resubmit][randfeat.eval.attacks.persistent.Resubmit]), or None.
     """
 
     name: str
@@ -54,17 +61,29 @@ class AttackFactory:
     output: Output
     build: Callable[[float], Attack]
     eot: bool = False
+    wrapper: Literal["jitter-eot", "resubmit"] | None = None
 
     def __call__(self, eps: float, *, eot_m: int = 5) -> Attack:
-        """The attack at radius `eps`; an `eot-` attack averages `eot_m` forwards a query."""
+        """The attack at radius `eps`; an `eot-` attack averages `eot_m` forwards a query, a
+        `jitter-eot-` attack `eot_m` jittered copies."""
         attack = self.build(eps)
+        if self.wrapper == "jitter-eot":
+            return JitterEOT(attack, eot_m)
+        if self.wrapper == "resubmit":
+            return Resubmit(attack)
         return EOT(attack, eot_m) if self.eot else attack
 
     def label(self, eot_m: int | None = None) -> str:
-        """The table name: `Square ℓ∞`, `RayS`, `EOT-5 Square ℓ∞`."""
+        """The table name: `Square ℓ∞`, `RayS`, `EOT-5 Square ℓ∞`, `Jitter-EOT-5 Square ℓ∞`,
+        `Resubmit Square ℓ∞`."""
         text = self.family
-        if self.name.removeprefix("eot-").count("-"):  # the norm is part of the name
+        base = self.name.removeprefix(f"{self.wrapper}-") if self.wrapper else self.name
+        if base.removeprefix("eot-").count("-"):  # the norm is part of the name
             text += f" {_NORM_LABELS[self.norm]}"
+        if self.wrapper == "jitter-eot":
+            text = f"Jitter-EOT-{eot_m} {text}" if eot_m else f"Jitter-EOT {text}"
+        if self.wrapper == "resubmit":
+            text = f"Resubmit {text}"
         if self.eot:
             text = f"EOT-{eot_m} {text}" if eot_m else f"EOT {text}"
         return text
@@ -90,6 +109,13 @@ _EOT = tuple(
     AttackFactory(f"eot-{f.name}", f.family, f.norm, f.output, f.build, eot=True) for f in _BASE
 )
 
+# The persistent attacker against randomized defenses (Lucas et al., arXiv 2302.13464, 2023).
+_PERSISTENT = tuple(
+    AttackFactory(f"{w}-{f.name}", f.family, f.norm, f.output, f.build, wrapper=w)
+    for w in ("jitter-eot", "resubmit")
+    for f in _BASE
+)
+
 # The adaptive attacker against stateful detection (Feng et al., CCS 2023): rejections as a signal.
 _ADAPTIVE = (
     AttackFactory(
@@ -106,12 +132,36 @@ _ADAPTIVE = (
         "scores",
         lambda eps: AdaptiveSquare(eps, "l2"),
     ),
+    AttackFactory(
+        "adaptive-nes-linf", "Adaptive NES", "linf", "scores", lambda eps: AdaptiveNES(eps, "linf")
+    ),
+    AttackFactory(
+        "adaptive-nes-l2", "Adaptive NES", "l2", "scores", lambda eps: AdaptiveNES(eps, "l2")
+    ),
+    AttackFactory(
+        "adaptive-hsja-linf",
+        "Adaptive HopSkipJump",
+        "linf",
+        "labels",
+        lambda eps: AdaptiveHSJA(eps, "linf"),
+    ),
+    AttackFactory(
+        "adaptive-hsja-l2",
+        "Adaptive HopSkipJump",
+        "l2",
+        "labels",
+        lambda eps: AdaptiveHSJA(eps, "l2"),
+    ),
 )
 
 ATTACKS: Mapping[str, AttackFactory] = MappingProxyType(
-    {f.name: f for f in (*_BASE, *_EOT, *_ADAPTIVE)}
+    {f.name: f for f in (*_BASE, *_EOT, *_ADAPTIVE, *_PERSISTENT)}
 )
 """Every attack `randfeat eval --attacks` accepts, by name: `square-linf`, `square-l2`,
 `nes-linf`, `nes-l2`, `signhunter-linf`, `signhunter-l2`, `rays`, `signflip`, `hsja-linf`,
 `hsja-l2`, `eot-<name>` for each (the adaptive attack of section 4.5, `--eot-m` forwards a query),
-and `adaptive-square-linf`, `adaptive-square-l2` (Feng et al.'s attacker against detection)."""
+and `adaptive-square-linf`, `adaptive-square-l2`, `adaptive-nes-linf`, `adaptive-nes-l2`,
+`adaptive-hsja-linf`, `adaptive-hsja-l2` (Feng et al.'s attacker against detection),
+and the persistent attackers of Lucas et al. (arXiv 2302.13464) for each base attack:
+`jitter-eot-<name>` (every query sent as `--eot-m` jittered copies, averaged) and
+`resubmit-<name>` (half the budget attacking, half resubmitting the final point)."""

@@ -32,8 +32,11 @@ __all__ = ["DEFENSE_KINDS", "SERVED", "EvalConfig", "derive_seed"]
 
 T = TypeVar("T")
 
-DEFENSE_KINDS = ("base", "input", "feature", "aaa")
-"""The defenses `--defenses` accepts: none, RND, randomized features, AAA."""
+DEFENSE_KINDS = ("base", "input", "feature", "keyed", "aaa")
+"""The defenses `--defenses` accepts: none, RND, randomized features (fresh noise each forward),
+keyed feature noise (`wrap(..., noise="keyed")`: a function of a secret key and the input), AAA."""
+_DETECT_SETTINGS = ("detect_fpr", "on_detect", "ban_after", "accounts")
+"""Settings of `--detect`, which mean nothing without it."""
 SERVED = "served"
 """The one defense of a run against a URL (`--target`): whatever the server runs."""
 _LOCAL_ONLY = (
@@ -79,6 +82,11 @@ class EvalConfig:
             ([ForwardOptions][randfeat.eval.forward.ForwardOptions]): autocast to `"bfloat16"`
             or `"float16"` (default `"float32"`: none), NHWC memory format, `torch.compile`.
             Calibration always runs in float32.
+        detect, detect_fpr, on_detect, ban_after, accounts: a stateful query detector in front
+            of every defense (a name of `randfeat.detect.DETECTORS`, `None`: none), the benign
+            false-positive rate its threshold is calibrated to, what a flag does (`"reject"`,
+            `"ban"`, `"log"`: the server's semantics), the flags a key may have before `ban`
+            refuses it, and the API keys the attacker spreads its queries over (sybil).
         seed, device, quiet, out, preset: see `randfeat eval --help`.
         target: the URL of a served model (`randfeat serve`) to attack instead of a local model:
             no local calibration, the one defense `served` is whatever the server runs.
@@ -105,6 +113,11 @@ class EvalConfig:
     votes: int = 9
     eot_m: int = 5
     fresh_forwards: int = 50
+    detect: str | None = None
+    detect_fpr: float = 0.001
+    on_detect: str = "reject"
+    ban_after: int = 10
+    accounts: int = 1
     batch_size: int = 100
     forward_batch: int = 1024
     dtype: str = "float32"
@@ -169,6 +182,7 @@ class EvalConfig:
             votes=_opt_int(v, "votes") or d.votes,
             eot_m=_opt_int(v, "eot_m") or d.eot_m,
             fresh_forwards=_opt_int(v, "fresh_forwards") or d.fresh_forwards,
+            **_detection(v, target),
             batch_size=_opt_int(v, "batch_size") or d.batch_size,
             forward_batch=_opt_int(v, "forward_batch") or d.forward_batch,
             dtype=_choice(v.get("dtype", d.dtype), DTYPES, "dtype"),
@@ -223,7 +237,7 @@ class EvalConfig:
         """`base`, `aaa`, and `input@<drop>` / `feature@<drop>` for every target drop."""
         out: list[str] = []
         for kind in self.defenses:
-            if kind in ("input", "feature"):
+            if kind in ("input", "feature", "keyed"):
                 out += [f"{kind}@{t:g}" for t in self.target_drop]
             else:
                 out.append(kind)
@@ -273,6 +287,37 @@ def _target(v: Mapping[str, Any]) -> str | None:
             f"defense, and calibrated it): {flag} does not apply. Drop {flag}."
         )
     return url
+
+
+def _detection(v: Mapping[str, Any], target: str | None) -> dict[str, Any]:
+    """`detect` and its settings, checked: a known detector, not with `--target`."""
+    from randfeat.detect import DETECTORS
+    from randfeat.eval.guarded import ON_DETECT
+
+    d = EvalConfig()
+    name = v.get("detect")
+    if name is None:
+        given = [k for k in _DETECT_SETTINGS if v.get(k) not in (None, getattr(d, k))]
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise ConfigError(f"{flag} sets the query detector: add --detect, or drop {flag}.")
+        return {}
+    if target is not None:
+        raise ConfigError(
+            "--detect puts a detector in front of a local model; with --target the server "
+            "detects, not the client. Start the server with `randfeat serve --detect` and drop "
+            "--detect here (its refusals reach the attacks as QueryRejected)."
+        )
+    fpr = _checked(check_positive_float, v, "detect_fpr")
+    if fpr is not None and not fpr <= 0.5:
+        raise ConfigError(f"Expected `detect_fpr` in (0, 0.5] (0.001 = 0.1%), but got {fpr!r}.")
+    return {
+        "detect": _choice(name, DETECTORS, "detector"),
+        "detect_fpr": d.detect_fpr if fpr is None else fpr,
+        "on_detect": _choice(v.get("on_detect", d.on_detect), ON_DETECT, "on_detect action"),
+        "ban_after": _opt_int(v, "ban_after") or d.ban_after,
+        "accounts": _opt_int(v, "accounts") or d.accounts,
+    }
 
 
 def _unknown(what: str, name: str, valid: Collection[str]) -> str:

@@ -13,6 +13,7 @@ broadcasts to every rank.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import platform
@@ -29,6 +30,7 @@ from randfeat.eval.data.loaders import balanced_subset
 from randfeat.eval.data.registry import Pool
 from randfeat.eval.errors import ConfigError
 from randfeat.eval.grid.config import EvalConfig, derive_seed
+from randfeat.eval.grid.detection import detection_info
 from randfeat.eval.grid.distributed import Dist, device_name
 from randfeat.eval.grid.units import build_attacks
 from randfeat.eval.models.sources import ModelRequest, model_source
@@ -55,6 +57,10 @@ from randfeat.layers import resolve_layers
 __all__ = ["Plan", "connect", "load_model", "load_pool", "prepare"]
 
 logger = logging.getLogger(__name__)
+
+_RANDOMIZED = ("input", "feature", "keyed")
+"""The defenses whose ν is calibrated (keyed noise takes the feature defense's ν: for each image
+one draw of the same N(0, ν), so the same expected clean accuracy)."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,20 @@ def connect(cfg: EvalConfig) -> HTTPModel:
             only while a score-based attack is asked for.
     """
     url = str(cfg.target)
+    model = _connect(cfg, url)
+    info = model.info
+    if info.detection and cfg.votes > 1 and model.noise == "fresh":
+        model.close()
+        raise ConfigError(
+            f"The server at {url} detects repeated queries and draws fresh noise: the "
+            f"oracle's --votes {cfg.votes} verification forwards of a point, and the fresh "
+            "judging, repeat it and would be refused. Pass --votes 1 (the query decides), serve "
+            "with --keyed-noise (one answer a point), or evaluate in process with --detect."
+        )
+    return model
+
+
+def _connect(cfg: EvalConfig, url: str) -> HTTPModel:
     try:
         try:
             return HTTPModel(url, api_key=cfg.api_key)
@@ -151,7 +171,7 @@ def _indices(cfg: EvalConfig, pool: Pool) -> tuple[Tensor, Tensor]:
     rest[attacked] = False
     remaining = rest.nonzero().squeeze(1)
     want = cfg.calib_images or min(1000, remaining.numel())
-    needs_cal = any(k in ("input", "feature") for k in cfg.defenses)
+    needs_cal = any(k in _RANDOMIZED for k in cfg.defenses)
     if needs_cal and want > remaining.numel():
         raise ConfigError(
             f"--calib-images {want} exceeds the {remaining.numel()} images left after the "
@@ -165,9 +185,11 @@ def _indices(cfg: EvalConfig, pool: Pool) -> tuple[Tensor, Tensor]:
 def _calibrate(
     cfg: EvalConfig, model: Model, pool: Pool, idx: Tensor
 ) -> dict[str, CalibratedDefense]:
-    """ν for every `input@drop` / `feature@drop` defense (one search per kind, all drops)."""
+    """ν for every `input@drop` / `feature@drop` / `keyed@drop` defense (one search per kind,
+    all drops; `keyed` reuses the feature search)."""
     out: dict[str, CalibratedDefense] = {}
-    kinds = [k for k in cfg.defenses if k in ("input", "feature")]
+    wanted = [k for k in cfg.defenses if k in _RANDOMIZED]
+    kinds = list(dict.fromkeys("feature" if k == "keyed" else k for k in wanted))
     if not kinds or not isinstance(model, nn.Module):  # a served model: no local calibration
         return out
     # digits: one small tensor pair; image files: streamed in batches, never all in memory
@@ -198,8 +220,7 @@ def _calibrate(
         if not isinstance(results, list):
             results = [results]
         for t, r in zip(cfg.target_drop, results, strict=True):
-            name = f"{kind}@{t:g}"
-            out[name] = CalibratedDefense(
+            cal = CalibratedDefense(
                 kind=kind,
                 layers=tuple(r.layers),
                 target_drop=t,
@@ -214,9 +235,13 @@ def _calibrate(
                 seed=seed,
                 wall_time_s=r.wall_time_s,
             )
+            for k in wanted:
+                if k == kind or (k, kind) == ("keyed", "feature"):
+                    out[f"{k}@{t:g}"] = dataclasses.replace(cal, kind=k)
             logger.info(
-                "  %s: ν = %.4g, accuracy %.4f -> %.4f (drop %.4f, target %g)",
-                name,
+                "  %s@%g: ν = %.4g, accuracy %.4f -> %.4f (drop %.4f, target %g)",
+                kind,
+                t,
                 r.nu,
                 r.base_accuracy,
                 r.accuracy,
@@ -266,7 +291,7 @@ def _new_header(
             f"--data {cfg.data!r} has labels up to {int(pool.labels.max())}, but model "
             f"{cfg.model!r} has {classes} outputs; pass --num-classes or a matching --checkpoint."
         )
-    if "feature" in cfg.defenses and isinstance(model, nn.Module):
+    if {"feature", "keyed"} & set(cfg.defenses) and isinstance(model, nn.Module):
         try:
             resolve_layers(model, list(cfg.layers))
         except (ValueError, TypeError) as err:
@@ -309,6 +334,7 @@ def _new_header(
         n_calibration=int(cal.numel()),
         n_chunks=n_chunks,
         rows_expected=n_rows,
+        detection=None if cfg.detect is None else detection_info(cfg, pool, attacked),
     )
 
 

@@ -32,6 +32,7 @@ from torch import nn
 from randfeat.eval.data.registry import Pool
 from randfeat.eval.errors import ConfigError
 from randfeat.eval.grid.config import EvalConfig
+from randfeat.eval.grid.detection import build_detector
 from randfeat.eval.grid.distributed import Dist, device_name, init_dist
 from randfeat.eval.grid.plan import Plan, load_model, load_pool, prepare
 from randfeat.eval.grid.progress import Progress
@@ -88,6 +89,9 @@ def _run(cfg: EvalConfig, dist: Dist, dev: torch.device) -> Path:
         runner.defended = build_defenses(cfg, model, header.calibration)
         runner.forwards = build_forwards(cfg, runner.defended, dev)
         runner.attacks = build_attacks(cfg)
+        if header.detection is not None:
+            runner.detection = header.detection
+            runner.detector = build_detector(header.detection, pool)
         try:
             _run_units(cfg, dist, dev, runner, plan, writer)
         finally:

@@ -12,6 +12,8 @@ depend on which rank runs it, on how many ranks there are, or on what ran before
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,14 +21,24 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from randfeat.detect import Detector
 from randfeat.eval.attacks.base import Attack
 from randfeat.eval.attacks.registry import ATTACKS
 from randfeat.eval.defenses import AAA
 from randfeat.eval.forward import Forward, ForwardOptions
 from randfeat.eval.grid.config import SERVED, EvalConfig, derive_seed
+from randfeat.eval.grid.detection import attack_behind, attack_served
 from randfeat.eval.oracle import Model, count_wrong, distance, rejudge
 from randfeat.eval.remote import HTTPModel
-from randfeat.eval.results.records import AttackRow, CalibratedDefense, CleanRow, Row, Unit
+from randfeat.eval.results.records import (
+    AttackRow,
+    CalibratedDefense,
+    CleanRow,
+    DetectionInfo,
+    DetectionRow,
+    Row,
+    Unit,
+)
 from randfeat.wrapper import RandomizedFeatureWrapper, wrap
 
 __all__ = ["UnitRunner", "build_attacks", "build_defenses", "build_forwards", "grid_units"]
@@ -67,6 +79,10 @@ def build_defenses(
             raise TypeError(f"The defense {name!r} needs a local model, not {model!r}.")
         elif name == "aaa":
             out[name] = AAA(model)
+        elif name.startswith("keyed@"):  # the key from the run's seed: reproducible
+            cal = calibration[name]
+            key = hashlib.sha256(f"randfeat-eval/{cfg.seed}/noise-key/{name}".encode()).digest()
+            out[name] = wrap(model, layers=list(cal.layers), nu=cal.nu, noise="keyed", key=key)
         else:
             cal = calibration[name]
             out[name] = wrap(model, layers=list(cal.layers), nu=cal.nu, seed=0)
@@ -104,6 +120,10 @@ class UnitRunner:
             run with the forward options ([build_forwards][randfeat.eval.grid.units.build_forwards]);
             a defense missing here is called as it is.
         attacks: attack name → attack.
+        detection: the detector's settings (`--detect`; `None`: no detection).
+        detector: the run's detector with the benign history stored
+            ([build_detector][randfeat.eval.grid.detection.build_detector]); each attack unit
+            attacks behind a copy of it.
     """
 
     cfg: EvalConfig
@@ -114,6 +134,8 @@ class UnitRunner:
     defended: dict[str, Model] = field(default_factory=dict)
     forwards: dict[str, Model] = field(default_factory=dict)
     attacks: dict[str, Attack] = field(default_factory=dict)
+    detection: DetectionInfo | None = None
+    detector: Detector | None = None
 
     def chunk(self, c: int) -> tuple[Tensor, Tensor, list[int]]:
         """The images, labels and dataset indices of chunk `c`, on the device."""
@@ -132,8 +154,8 @@ class UnitRunner:
         x, y, images = self.chunk(unit.chunk)
         model = self.defended[unit.defense]
         parts = (unit.kind, unit.defense, unit.attack, unit.budget, unit.chunk)
-        if isinstance(model, RandomizedFeatureWrapper):  # base and AAA are deterministic
-            model.manual_seed(derive_seed(self.cfg.seed, "noise", *parts))
+        if isinstance(model, RandomizedFeatureWrapper) and model.noise != "keyed":
+            model.manual_seed(derive_seed(self.cfg.seed, "noise", *parts))  # keyed: no stream
         call = self.forwards.get(unit.defense, model)
         randomized = _randomized(model)
         if unit.kind == "clean":
@@ -175,15 +197,54 @@ class UnitRunner:
         cfg = self.cfg
         attack = self.attacks[str(unit.attack)]
         budget = int(unit.budget or 0)
-        res = attack.run(
-            model, x, y, budget=budget, votes=cfg.votes, seed=seed, batch_size=cfg.forward_batch
-        )
+        detected: list[DetectionRow | None] = [None] * len(images)
+        served_detecting = isinstance(model, HTTPModel) and model.info.detection
+        if self.detection is not None and self.detector is not None:
+            res, rows = attack_behind(
+                attack,
+                model,
+                copy.deepcopy(self.detector),
+                self.detection,
+                x,
+                y,
+                images,
+                budget=budget,
+                votes=cfg.votes,
+                seed=seed,
+                batch_size=cfg.forward_batch,
+            )
+            detected = list(rows)
+        elif served_detecting:
+            res, rows = attack_served(
+                attack,
+                model,
+                x,
+                y,
+                images,
+                budget=budget,
+                votes=cfg.votes,
+                seed=seed,
+                batch_size=cfg.forward_batch,
+            )
+            detected = list(rows)
+        else:
+            res = attack.run(
+                model, x, y, budget=budget, votes=cfg.votes, seed=seed, batch_size=cfg.forward_batch
+            )
         # Deterministic defenses (base, AAA) need one forward: the fooling probability is 0 or 1.
         # rejudge gathers the repeated rows one full forward batch at a time.
         forwards = cfg.fresh_forwards if randomized else 1
-        fresh = rejudge(
-            model, res.x_adv, y, votes=cfg.votes, forwards=forwards, batch_size=cfg.forward_batch
-        )
+        if served_detecting:  # a detecting server refuses repeats: its one answer per point
+            fresh = res.success.double()
+        else:
+            fresh = rejudge(
+                model,
+                res.x_adv,
+                y,
+                votes=cfg.votes,
+                forwards=forwards,
+                batch_size=cfg.forward_batch,
+            )
         dist = distance(res.x_adv, x, attack.norm)
         seconds = time.perf_counter() - t0
         cols = zip(
@@ -195,6 +256,7 @@ class UnitRunner:
             res.verify_forwards.tolist(),
             fresh.tolist(),
             dist.tolist(),
+            detected,
             strict=True,
         )
         return [
@@ -214,8 +276,9 @@ class UnitRunner:
                 dist=di,
                 chunk=unit.chunk,
                 seconds=seconds,
+                detection=det,
             )
-            for img, lab, s, q, sq, vf, fr, di in cols
+            for img, lab, s, q, sq, vf, fr, di, det in cols
         ]
 
 

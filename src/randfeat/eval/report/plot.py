@@ -4,7 +4,7 @@ The robust accuracy of the tables of Nguyen et al., "Understanding the Robustnes
 Feature Defense Against Query-Based Adversarial Attacks", ICLR 2024 (§5, Tables 1–2), at every
 query count up to the budget: [robust_curve][randfeat.eval.report.plot.robust_curve] computes
 $RA(q) = 1 - P[\text{success\\_query} \\le q]$ from the attack rows of a result file (with
-`randfeat.eval.oracle.robust_accuracy_curve`, the one implementation), and
+`randfeat.eval.outcome.robust_accuracy_curve`, the one implementation), and
 [plot_curves][randfeat.eval.report.plot.plot_curves] draws it for every defense with the names and
 the table of [randfeat.eval.report.summary][]. matplotlib is the optional `plot` extra, imported
 lazily.
@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from randfeat.eval.errors import ReportError
-from randfeat.eval.oracle import robust_accuracy_curve
+from randfeat.eval.outcome import robust_accuracy_curve
 from randfeat.eval.report.summary import attack_label, attack_rows_by_cell, points, summarize
 from randfeat.eval.results.records import AttackRow, Header, Row
 

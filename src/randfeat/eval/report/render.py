@@ -16,6 +16,9 @@ from randfeat.eval.report.summary import Cell, Table, TableRow
 
 __all__ = ["to_csv", "to_markdown"]
 
+_KINDS = ("verified", "fresh", "n", "detected", "first_flag_median", "undetected")
+"""The CSV columns of every cell (the last three empty without `--detect`)."""
+
 
 def _fmt(x: float | None, spec: str, scale: float = 1.0) -> str:
     return "–" if x is None or not math.isfinite(x) else format(scale * x, spec)
@@ -30,6 +33,17 @@ def _cell_text(row: TableRow, cell: Cell | None) -> str:
         return "–"
     mark = "*" if cell.n != row.n_attacked else ""
     return f"{100 * cell.verified:.1f} / {100 * cell.fresh:.1f}{mark}"
+
+
+def _detection_text(cell: Cell | None) -> str:
+    d = None if cell is None else cell.detection
+    if d is None:
+        return "–"
+    undetected = f"{100 * d.undetected:.1f}"
+    if math.isnan(d.detected):  # a worst case: the undetected successes only
+        return f"– · – · {undetected}"
+    first = "–" if d.median_first_flag is None else f"{d.median_first_flag:g}"
+    return f"{100 * d.detected:.0f} · {first} · {undetected}"
 
 
 def _cells(table: Table, row: TableRow) -> list[Cell | None]:
@@ -80,6 +94,19 @@ def to_markdown(table: Table) -> str:
     )
     out = [f"## {table.title}", "", table.setting, "", line(head), rule]
     out += [line(b) for b in body]
+    if any(c is not None and c.detection for r in table.rows for c in _cells(table, r)):
+        det_head = ["Model", "Defense", *_labels(table)]
+        det = [
+            [r.model, r.label, *(_detection_text(c) for c in _cells(table, r))] for r in table.rows
+        ]
+        out += [
+            "",
+            "Query detection: detected (%) · median queries to the first flag · "
+            "fooled before the first flag (%)",
+            "",
+        ]
+        out += ["| " + " | ".join(det_head) + " |", "|" + "---|" * len(det_head)]
+        out += ["| " + " | ".join(b) + " |" for b in det]
     out += ["", *table.legend]
     return "\n".join(out) + "\n"
 
@@ -94,7 +121,7 @@ def to_csv(table: Table) -> str:
             *fixed,
             "clean_pct",
             "n_clean",
-            *(f"{label} {kind}" for label in _labels(table) for kind in ("verified", "fresh", "n")),
+            *(f"{label} {kind}" for label in _labels(table) for kind in _KINDS),
         ]
     )
 
@@ -110,6 +137,12 @@ def to_csv(table: Table) -> str:
                 ["", "", "0"]
                 if cell is None
                 else [num(cell.verified), num(cell.fresh), str(cell.n)]
+            )
+            d = None if cell is None else cell.detection
+            cells += (
+                ["", "", ""]
+                if d is None
+                else [num(d.detected), num(d.median_first_flag, 1.0), num(d.undetected)]
             )
         w.writerow(
             [

@@ -22,11 +22,13 @@ point most likely to fool).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from randfeat.eval.attacks.registry import ATTACKS
 from randfeat.eval.errors import ReportError
+from randfeat.eval.report.detection import Detection, detection_cell, detection_legend
 from randfeat.eval.results.file import duplicate_rows
 from randfeat.eval.results.records import AttackRow, CleanRow, Header, Row
 
@@ -48,6 +50,7 @@ _DEFENSE_NAMES = {
     "base": "Base",
     "input": "Input",
     "feature": "Feature",
+    "keyed": "Keyed",
     "aaa": "AAA",
     "served": "Served",
 }
@@ -77,12 +80,15 @@ class Cell:
         verified: $1 - \\operatorname{mean}(\\text{success})$, the paper's count.
         fresh: $1 - \\operatorname{mean}(\\text{fresh})$, re-judged afresh at the returned point.
         mean_queries: mean queries spent per image (for the worst case: summed over the attacks).
+        detection: what the detector saw (`--detect`; for the worst case, `undetected` only:
+            the images fooled before their first flag by any attack).
     """
 
     n: int
     verified: float
     fresh: float
     mean_queries: float
+    detection: Detection | None = None
 
 
 @dataclass(frozen=True)
@@ -182,6 +188,7 @@ def _cell(rows: Sequence[AttackRow]) -> Cell:
         verified=1.0 - sum(r.success for r in rows) / n,
         fresh=1.0 - sum(r.fresh for r in rows) / n,
         mean_queries=sum(r.queries for r in rows) / n,
+        detection=detection_cell(rows),
     )
 
 
@@ -195,7 +202,11 @@ def _worst(groups: Sequence[Sequence[AttackRow]]) -> Cell | None:
     survived = sum(not any(b[i].success for b in by_image) for i in images)
     fresh = sum(1.0 - max(b[i].fresh for b in by_image) for i in images)
     queries = sum(b[i].queries for b in by_image for i in images)
-    return Cell(n=n, verified=survived / n, fresh=fresh / n, mean_queries=queries / n)
+    detection = None
+    if any(r.detection is not None for g in groups for r in g):
+        hidden = sum(any(b[i].undetected for b in by_image) for i in images) / n
+        detection = Detection(math.nan, None, hidden, math.nan, 0)
+    return Cell(n, survived / n, fresh / n, queries / n, detection)
 
 
 def _check_rows(rows: Sequence[Row]) -> None:
@@ -341,6 +352,8 @@ def _table(
     ]
     if incomplete:
         legend.append("* incomplete (images with rows): " + "; ".join(incomplete) + ".")
+    if header.detection is not None:
+        legend.append(detection_legend(header))
     return Table(
         title=f"{header.model.name} on {header.data.name}: robust accuracy (%) under "
         "query-based attacks",

@@ -55,13 +55,15 @@ logger = logging.getLogger(__name__)
 
 FORMAT = "randfeat-eval"
 """The `format` of every result file's header."""
-FORMAT_VERSION = 2
-"""The layout version this randfeat reads and writes. Version 2 judges clean images by the judging
-rule (`wrong_votes` of `votes`) and names the calibration path (`path`); version 1 recorded the
-plurality vote (`pred`) and `fast_path`."""
+FORMAT_VERSION = 3
+"""The layout version this randfeat reads and writes. Version 3 adds query detection (`--detect`:
+the header's `detection`, the rows' `detection`, an attack's refused queries in `queries`);
+version 2 judges clean images by the judging rule (`wrong_votes` of `votes`) and names the
+calibration path (`path`); version 1 recorded the plurality vote (`pred`) and `fast_path`."""
 
 _OLD_VERSIONS = {
     1: "version 1 judged clean images by a plurality of votes, not by the judging rule",
+    2: "version 2 predates query detection; its figures are valid, its settings incomplete",
 }
 TIMING_FIELDS = frozenset({"seconds", "wall_time_s"})
 """Fields that vary between identical runs (wall-clock time); leave them out when comparing."""

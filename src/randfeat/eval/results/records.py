@@ -29,11 +29,14 @@ __all__ = [
     "CalibratedDefense",
     "CleanRow",
     "DataInfo",
+    "DetectionInfo",
+    "DetectionRow",
     "Header",
     "ModelInfo",
     "Radii",
     "Row",
     "Unit",
+    "WorkloadRate",
     "row_from_json",
 ]
 
@@ -147,6 +150,60 @@ class CalibratedDefense(Record):
 
 
 @dataclass(frozen=True)
+class WorkloadRate(Record):
+    """One benign workload ([randfeat.eval.workloads][]) streamed through the run's detector,
+    after the benign history, under an account of its own.
+
+    Attributes:
+        queries: queries the workload sent.
+        flagged: how many the detector flagged (the false positives).
+        first_flag: the query index (1-based) of the first flag, `-1` if none.
+    """
+
+    queries: int
+    flagged: int
+    first_flag: int
+
+    @property
+    def rate(self) -> float:
+        """The false-positive rate `flagged / queries`."""
+        return self.flagged / self.queries if self.queries else 0.0
+
+
+@dataclass(frozen=True)
+class DetectionInfo(Record):
+    """The stateful detector in front of every defense (`--detect`), as the run built it.
+
+    Attributes:
+        name: the detector (a key of `randfeat.detect.DETECTORS`).
+        repr: the detector with every setting (`repr`; its key is never shown).
+        threshold: the threshold calibrated on the benign history.
+        target_fpr: the benign false-positive rate it was calibrated to (`--detect-fpr`).
+        on_detect: `"reject"`, `"ban"` or `"log"` (the server's semantics).
+        ban_after: flagged queries after which `ban` refuses the key.
+        accounts: API keys the attacker spreads its queries over (`--accounts`; > 1: sybil).
+        seed: the detector's key seed (reproducible runs; a server draws its key from OS entropy).
+        history_indices: dataset indices of the benign images the detector saw before every
+            attacked image (its calibration images, also stored as earlier traffic).
+        workload_indices: dataset indices the benign workloads were built from (disjoint from
+            the history and the attacked images).
+        workloads: workload name → its false positives.
+    """
+
+    name: str
+    repr: str
+    threshold: float
+    target_fpr: float
+    on_detect: Literal["reject", "ban", "log"]
+    ban_after: int
+    accounts: int
+    seed: int
+    history_indices: tuple[int, ...]
+    workload_indices: tuple[int, ...]
+    workloads: Mapping[str, WorkloadRate]
+
+
+@dataclass(frozen=True)
 class Header(Record):
     """The first line of a result file: everything needed to read, resume and reproduce it.
 
@@ -172,6 +229,7 @@ class Header(Record):
         n_calibration: calibration images.
         n_chunks: chunks of `batch_size` attacked images.
         rows_expected: clean + attack rows in a complete file.
+        detection: the detector in front of the model (`--detect`; absent without).
     """
 
     TYPE: ClassVar[str | None] = "header"
@@ -196,6 +254,7 @@ class Header(Record):
     n_calibration: int
     n_chunks: int
     rows_expected: int
+    detection: DetectionInfo | None = None
 
     def setting(self, name: str) -> object:
         """The configuration setting `name` as written (None when absent)."""
@@ -269,6 +328,34 @@ class CleanRow(Record):
 
 
 @dataclass(frozen=True)
+class DetectionRow(Record):
+    """What the detector saw of one attacked image (`--detect`): the attack ran on the image
+    alone, under API keys of its own, its queries in front of the detector.
+
+    Attributes:
+        first_flag: the query index (1-based, rejected queries included) of the first flagged
+            query, `-1` if none.
+        flagged: queries flagged.
+        benign_flags: flags whose closest earlier query was a stored benign image (not the
+            attacker's own query).
+        rejected: queries refused (`reject`, `ban`), answered neither to the attack nor judged.
+        refused: the attack's search ended on a refusal (a plain attack meeting a 403; an
+            adaptive attack ends only when it gives up or is banned).
+        seen_by: `"detector"` (in process, `--detect`: every flag is known) or `"client"`
+            (`--target` against a detecting server: only refusals are seen, so `first_flag` is
+            the first refused query, `flagged` the refused rows the server named, and
+            `benign_flags` 0; a server that logs refuses nothing).
+    """
+
+    first_flag: int
+    flagged: int
+    benign_flags: int
+    rejected: int
+    refused: bool
+    seen_by: Literal["detector", "client"] = "detector"
+
+
+@dataclass(frozen=True)
 class AttackRow(Record):
     """One attacked image under one (defense, attack, budget).
 
@@ -291,6 +378,9 @@ class AttackRow(Record):
         dist: distance of the returned point from the clean image, in `norm`.
         chunk: the chunk of the unit that wrote the row.
         seconds: wall time of the whole unit (a timing field).
+        detection: what the detector saw (`--detect`; absent without). With `reject` or `ban`,
+            `success` is the success of the attack continuing after refusals as far as it
+            does, and `queries` includes the refused queries.
     """
 
     TYPE: ClassVar[str | None] = "attack"
@@ -310,6 +400,13 @@ class AttackRow(Record):
     dist: float
     chunk: int
     seconds: float
+    detection: DetectionRow | None = None
+
+    @property
+    def undetected(self) -> bool:
+        """The attack succeeded before its first flag (always, without detection)."""
+        d = self.detection
+        return self.success and (d is None or d.first_flag < 0 or self.success_query < d.first_flag)
 
     @property
     def unit(self) -> Unit:
