@@ -158,6 +158,8 @@ def test_verification_bypasses_the_detector() -> None:
         ({"detect_fpr": 0.01}, "--detect-fpr sets the query detector: add --detect"),
         ({"detect": "pooled-linf", "detect_fpr": 0.9}, r"detect_fpr. in \(0, 0.5\]"),
         ({"detect": "pooled-linf", "on_detect": "block"}, "Unknown on_detect action 'block'"),
+        ({"detect": "pooled-linf", "ban_after": 3}, "--ban-after applies to --on-detect ban"),
+        ({"detect": "pooled-linf", "accounts": 0}, "`accounts` to be an int >= 1"),
         (
             {"detect": "pooled-linf", "target": "http://127.0.0.1:9"},
             "with --target the server detects, not the client",

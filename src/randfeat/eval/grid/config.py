@@ -39,17 +39,8 @@ _DETECT_SETTINGS = ("detect_fpr", "on_detect", "ban_after", "accounts")
 """Settings of `--detect`, which mean nothing without it."""
 SERVED = "served"
 """The one defense of a run against a URL (`--target`): whatever the server runs."""
-_LOCAL_ONLY = (
-    "model",
-    "pretrained",
-    "checkpoint",
-    "num_classes",
-    "defenses",
-    "layers",
-    "target_drop",
-    "calib_images",
-    "calib_draws",
-)
+_LOCAL_ONLY: tuple[str, ...] = ("model", "pretrained", "checkpoint", "num_classes", "defenses")
+_LOCAL_ONLY += ("layers", "target_drop", "calib_images", "calib_draws")
 """Settings of a local model and its defenses, which a run against `--target` cannot have."""
 _FORWARD_SETTINGS = ("dtype", "channels_last", "compile")
 """How a local model's forward runs; a run against `--target` can only keep their defaults."""
@@ -311,11 +302,15 @@ def _detection(v: Mapping[str, Any], target: str | None) -> dict[str, Any]:
     fpr = _checked(check_positive_float, v, "detect_fpr")
     if fpr is not None and not fpr <= 0.5:
         raise ConfigError(f"Expected `detect_fpr` in (0, 0.5] (0.001 = 0.1%), but got {fpr!r}.")
+    action = _choice(v.get("on_detect", d.on_detect), ON_DETECT, "on_detect action")
+    ban_after = _opt_int(v, "ban_after")
+    if ban_after not in (None, d.ban_after) and action != "ban":
+        raise ConfigError(f"--ban-after applies to --on-detect ban only, not {action}: drop it.")
     return {
         "detect": _choice(name, DETECTORS, "detector"),
         "detect_fpr": d.detect_fpr if fpr is None else fpr,
-        "on_detect": _choice(v.get("on_detect", d.on_detect), ON_DETECT, "on_detect action"),
-        "ban_after": _opt_int(v, "ban_after") or d.ban_after,
+        "on_detect": action,
+        "ban_after": ban_after or d.ban_after,
         "accounts": _opt_int(v, "accounts") or d.accounts,
     }
 
