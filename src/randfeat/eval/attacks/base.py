@@ -34,6 +34,7 @@ __all__ = [
     "linf_bounds",
     "make_generator",
     "project",
+    "validate_inputs",
 ]
 
 
@@ -223,7 +224,7 @@ class OracleAttack(Attack):
 
         See [Attack.run][randfeat.eval.attacks.base.Attack.run] for the arguments.
         """
-        x, y = _validate_inputs(x, y, budget, votes)
+        x, y = validate_inputs(x, y, budget, votes)
         oracle = Oracle(
             model,
             x,
@@ -248,7 +249,9 @@ class OracleAttack(Attack):
         """Run the search through `oracle`; return the last iterate `[N, C, H, W]`."""
 
 
-def _validate_inputs(x: Tensor, y: Tensor, budget: int, votes: int) -> tuple[Tensor, Tensor]:
+def validate_inputs(x: Tensor, y: Tensor, budget: int, votes: int) -> tuple[Tensor, Tensor]:
+    """`x` (images in $[0, 1]$, finite) and `y` (labels on `x`'s device) checked, with `budget`
+    and `votes`: what every `Attack.run` checks before any query."""
     x = check_batch(x)
     if not bool(torch.isfinite(x).all()) or bool(((x < 0) | (x > 1)).any()):
         raise ValueError(

@@ -19,14 +19,12 @@ import torch
 from torch import Tensor
 
 from randfeat.checks import (
-    check_batch,
     check_float,
-    check_labels,
     check_positive_float,
     check_positive_int,
     expected,
 )
-from randfeat.eval.attacks.base import Attack, make_generator, project
+from randfeat.eval.attacks.base import Attack, make_generator, project, validate_inputs
 from randfeat.eval.errors import QueryRefused
 from randfeat.eval.oracle import Model, Oracle, Output, distance
 from randfeat.eval.outcome import AttackResult
@@ -43,19 +41,8 @@ def _check_attack(attack: object) -> Attack:
 
 
 def _validate(x: Tensor, y: Tensor, budget: int, votes: int, samples: int) -> tuple[Tensor, Tensor]:
-    x = check_batch(x)
-    if not bool(torch.isfinite(x).all()) or bool(((x < 0) | (x > 1)).any()):
-        raise ValueError(
-            expected(
-                "x", "images in [0, 1]", f"values in [{float(x.min()):.4g}, {float(x.max()):.4g}]"
-            )
-            + " Fold normalisation into the model."
-        )
-    y = check_labels(y, x.shape[0])
-    check_positive_int(budget, "budget")
-    check_positive_int(votes, "votes")
     check_positive_int(samples, "samples")
-    return x, y.to(device=x.device)
+    return validate_inputs(x, y, budget, votes)
 
 
 class _Fooled(Exception):
